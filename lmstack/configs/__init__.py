@@ -1,0 +1,1 @@
+"""Reusable config pieces: the base schema every experiment starts from, and model sizes."""

@@ -1,0 +1,101 @@
+"""The base config: every key an experiment may set, with its default.
+
+Experiments start from :func:`base_config` and change values; they never add keys, so a
+typo in an experiment or on the command line is an error (the config is locked).
+"""
+
+from __future__ import annotations
+
+import ml_collections as mlc
+
+
+def base_config() -> mlc.ConfigDict:
+    c = mlc.ConfigDict()
+    c.name = ""  # experiment name, filled in by the loader
+    c.arg = ""  # the experiment's variant string, filled in by the loader
+
+    c.model = mlc.ConfigDict(
+        dict(
+            name="decoder",  # registry: model.<name>
+            style="llama",  # llama (RMSNorm, RoPE, SwiGLU, GQA) | gpt2 (LayerNorm, learned pos, GELU)
+            vocab_size=0,  # 0: take the tokenizer's vocabulary size
+            d_model=256,
+            n_layers=4,
+            n_heads=4,
+            n_kv_heads=0,  # 0: same as n_heads (no grouping)
+            head_dim=0,  # 0: d_model // n_heads
+            d_ff=0,  # 0: 4*d (gpt2) or the 8/3*d SwiGLU width rounded to 64 (llama)
+            max_seq_len=0,  # 0: data.seq_len
+            tie_embeddings=True,
+            use_bias=False,
+            dropout=0.0,
+            rope_theta=10000.0,
+            norm_eps=1e-5,
+            init_std=0.02,
+            dtype="float32",  # compute dtype: float32 | bfloat16 (parameters stay float32)
+            remat="none",  # none | full | dots (save matmul outputs, recompute the rest)
+            scan_layers=True,
+        )
+    )
+    c.data = mlc.ConfigDict(
+        dict(
+            source="stdlib",  # stdlib | text | jsonl
+            path="",  # file, directory or glob for text/jsonl sources
+            field="text",  # JSONL field holding the text
+            max_chars=0,  # 0: no limit; otherwise cut the corpus to this many characters
+            seq_len=128,
+            val_fraction=0.1,  # the last fraction of the token stream is held out
+            seed=0,
+            tokenizer=mlc.ConfigDict(
+                dict(
+                    kind="sentencepiece",  # sentencepiece | byte | char
+                    path="",  # a trained SentencePiece model; empty: train one and cache it
+                    vocab_size=4096,
+                    model_type="bpe",  # SentencePiece model type when training: bpe | unigram
+                    max_train_chars=4_000_000,
+                )
+            ),
+        )
+    )
+    c.objective = mlc.ConfigDict(dict(name="causal_lm"))
+    c.optimizer = mlc.ConfigDict(
+        dict(
+            lr=1e-3,
+            min_lr_ratio=0.1,  # final lr = lr * min_lr_ratio
+            schedule="cosine",  # cosine | linear | constant (all after linear warmup)
+            warmup_steps=100,
+            decay_steps=0,  # 0: train.steps
+            b1=0.9,
+            b2=0.95,
+            eps=1e-8,
+            weight_decay=0.1,
+            decay_embeddings=False,
+            clip_norm=1.0,  # 0: no clipping
+        )
+    )
+    c.train = mlc.ConfigDict(
+        dict(
+            steps=1000,
+            batch_size=32,  # global batch, in sequences
+            microbatches=1,  # gradient accumulation: the batch is split into this many
+            seed=0,
+            log_every=10,
+            progress=True,
+        )
+    )
+    c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: the remaining devices
+    c.checkpoint = mlc.ConfigDict(dict(every=500, keep=3, async_save=True))
+    c.eval = mlc.ConfigDict(
+        dict(
+            every=500,  # 0: only at the end
+            batches=20,  # validation batches per evaluation (0: the whole split)
+            batch_size=0,  # 0: train.batch_size
+        )
+    )
+    c.sample = mlc.ConfigDict(
+        dict(prompt="", max_new_tokens=64, temperature=0.8, top_k=0, top_p=0.95, seed=0)
+    )
+    c.init = mlc.ConfigDict(dict(**{"from": "scratch"}))
+    c.peft = mlc.ConfigDict(dict(method="none"))
+    c.log = mlc.ConfigDict(dict(jsonl=True, tensorboard=True))
+    return c

@@ -1,0 +1,56 @@
+"""One small name -> object registry shared by every plug-in kind.
+
+Names are namespaced by kind: ``model.decoder``, ``objective.causal_lm``,
+``eval.perplexity``, ``data.stdlib``. Plug-in modules register themselves at import
+time; :func:`lookup` imports the built-in plug-in packages first, so a name given in a
+config resolves without the caller importing anything.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from typing import Any, Callable, TypeVar
+
+T = TypeVar("T")
+
+_ENTRIES: dict[str, Any] = {}
+_BUILTIN_PACKAGES = ("lmstack.models", "lmstack.objectives", "lmstack.evals", "lmstack.data")
+
+
+def register(name: str) -> Callable[[T], T]:
+    """Decorator: ``@register("objective.causal_lm")`` records the decorated object."""
+    if "." not in name:
+        raise ValueError(f"registry name {name!r} must be namespaced, e.g. 'objective.{name}'")
+
+    def wrap(obj: T) -> T:
+        if name in _ENTRIES and _ENTRIES[name] is not obj:
+            raise ValueError(f"registry name {name!r} is already taken by {_ENTRIES[name]!r}")
+        _ENTRIES[name] = obj
+        return obj
+
+    return wrap
+
+
+def _import_builtins() -> None:
+    for pkg in _BUILTIN_PACKAGES:
+        importlib.import_module(pkg)
+
+
+def names(kind: str) -> list[str]:
+    """All registered short names of one kind, sorted (``names('objective')``)."""
+    _import_builtins()
+    prefix = kind + "."
+    return sorted(n[len(prefix):] for n in _ENTRIES if n.startswith(prefix))
+
+
+def lookup(kind: str, name: str) -> Any:
+    """The object registered as ``kind.name``; a clear error names the closest choices."""
+    _import_builtins()
+    key = f"{kind}.{name}"
+    if key in _ENTRIES:
+        return _ENTRIES[key]
+    choices = names(kind)
+    close = difflib.get_close_matches(name, choices, n=3)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise KeyError(f"unknown {kind} {name!r}: {hint}registered {kind}s are {', '.join(choices) or 'none'}")
