@@ -1,0 +1,1 @@
+from lmstack.models import decoder  # noqa: F401  (registers model.decoder)

@@ -1,0 +1,204 @@
+"""Decoder-only transformer in two styles chosen by config.
+
+- ``llama``: RMSNorm, rotary positions, SwiGLU MLP, grouped-query attention, untied or
+  tied embeddings.
+- ``gpt2``: LayerNorm, learned absolute positions, GELU MLP, optional biases, tied
+  embeddings (nanoGPT's model).
+
+The blocks are created stacked (a leading ``layers`` axis on every block parameter) and
+run with ``nnx.scan``, so compile time does not grow with depth. Attention is restricted to
+the query's own document (segment ids), so packed sequences never leak across documents.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lmstack.models.layers import (
+    MLP,
+    REMAT_POLICIES,
+    Attention,
+    LayerNorm,
+    RMSNorm,
+    attention_mask,
+    dropout,
+    param,
+)
+from lmstack.registry import register
+from lmstack.sharding import constrain
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    style: str
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    d_ff: int
+    max_seq_len: int
+    tie_embeddings: bool = True
+    use_bias: bool = False
+    dropout: float = 0.0
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    dtype: str = "float32"
+    remat: str = "none"
+
+    @classmethod
+    def from_config(cls, m: Any, *, vocab_size: int, max_seq_len: int) -> "DecoderConfig":
+        """Resolve ``config.model`` (zeros mean 'derive it') into a frozen model config."""
+        head_dim = m.head_dim or m.d_model // m.n_heads
+        if m.d_ff:
+            d_ff = m.d_ff
+        elif m.style == "llama":
+            d_ff = 64 * math.ceil(8 * m.d_model / 3 / 64)
+        else:
+            d_ff = 4 * m.d_model
+        return cls(
+            style=m.style,
+            vocab_size=m.vocab_size or vocab_size,
+            d_model=m.d_model,
+            n_layers=m.n_layers,
+            n_heads=m.n_heads,
+            n_kv_heads=m.n_kv_heads or m.n_heads,
+            head_dim=head_dim,
+            d_ff=d_ff,
+            max_seq_len=m.max_seq_len or max_seq_len,
+            tie_embeddings=m.tie_embeddings,
+            use_bias=m.use_bias,
+            dropout=m.dropout,
+            rope_theta=m.rope_theta,
+            norm_eps=m.norm_eps,
+            init_std=m.init_std,
+            dtype=m.dtype,
+            remat=m.remat,
+        )
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward), PaLM appendix B convention:
+        6 x matmul parameters (embedding lookups excluded, the output head included)
+        plus 12 x layers x heads x head_dim x sequence length for attention."""
+        d, f, n, k, h, v = self.d_model, self.d_ff, self.n_heads, self.n_kv_heads, self.head_dim, self.vocab_size
+        attn = d * h * (2 * n + 2 * k)
+        mlp = d * f * (3 if self.style == "llama" else 2)
+        matmul_params = self.n_layers * (attn + mlp) + d * v
+        return 6.0 * matmul_params + 12.0 * self.n_layers * n * h * seq_len
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
+        if cfg.style == "llama":
+            self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+            self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        else:
+            self.attn_norm = LayerNorm(cfg.d_model, cfg.norm_eps, cfg.use_bias)
+            self.mlp_norm = LayerNorm(cfg.d_model, cfg.norm_eps, cfg.use_bias)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp = MLP(cfg, rngs=rngs)
+        self.dropout_rate = cfg.dropout
+
+    def __call__(self, x_btd, doc_pos_bt, mask_b1ts, kv, cache_index, rng):
+        r_attn, r_mlp = jax.random.split(rng) if rng is not None else (None, None)
+        h, kv = self.attn(self.attn_norm(x_btd), doc_pos_bt, mask_b1ts, kv, cache_index)
+        x_btd = x_btd + dropout(h, self.dropout_rate, r_attn)
+        x_btd = x_btd + dropout(self.mlp(self.mlp_norm(x_btd)), self.dropout_rate, r_mlp)
+        return constrain(x_btd, ("batch", "activation_length", "activation_embed")), kv
+
+
+@register("model.decoder")
+class Decoder(nnx.Module):
+    """``Decoder(cfg, rngs=...)(tokens)`` -> float32 logits ``(b, t, vocab)``."""
+
+    config_class = DecoderConfig
+
+    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std)
+        if cfg.style == "gpt2":
+            self.pos_embed = param(rngs, (cfg.max_seq_len, cfg.d_model), ("positions", "embed"), cfg.init_std)
+
+        @nnx.split_rngs(splits=cfg.n_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_blocks(rngs: nnx.Rngs) -> Block:
+            return Block(cfg, rngs=rngs)
+
+        self.blocks = make_blocks(rngs)
+        if cfg.style == "llama":
+            self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        else:
+            self.final_norm = LayerNorm(cfg.d_model, cfg.norm_eps, cfg.use_bias)
+        if not cfg.tie_embeddings:
+            self.lm_head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std)
+
+    def init_cache(self, batch: int, max_len: int) -> dict[str, Array]:
+        """An empty KV cache for ``max_len`` tokens (prompt + generated)."""
+        c = self.cfg
+        shape = (c.n_layers, batch, max_len, c.n_kv_heads, c.head_dim)
+        dt = jnp.dtype(c.dtype)
+        return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt), "index": jnp.zeros((), jnp.int32)}
+
+    def __call__(
+        self,
+        tokens_bt: Array,
+        *,
+        positions: Array | None = None,
+        segment_ids: Array | None = None,
+        cache: dict[str, Array] | None = None,
+        rng: Array | None = None,
+    ) -> Array | tuple[Array, dict[str, Array]]:
+        """Logits for ``tokens``; with ``cache``, also the cache advanced past them.
+
+        ``positions`` are positions inside each document (default 0..t-1, or continuing
+        from the cache); ``segment_ids`` number the documents of a packed row (equal ids
+        attend to each other; default: one document).
+        """
+        c = self.cfg
+        b, t = tokens_bt.shape
+        dt = jnp.dtype(c.dtype)
+        start = cache["index"] if cache is not None else 0
+        row_q = start + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        doc_pos = row_q if positions is None else positions
+        seg_q = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
+        if cache is None:
+            mask, kv_in, k_valid = attention_mask(seg_q, seg_q, row_q, row_q), None, None
+        else:
+            s = cache["k"].shape[2]
+            row_k = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+            k_valid = row_k < start + t
+            mask = attention_mask(jnp.ones((b, t), jnp.int32), jnp.ones((b, s), jnp.int32), row_q, row_k, k_valid)
+            kv_in = (cache["k"], cache["v"])
+
+        x = self.embed[...][tokens_bt].astype(dt)
+        if c.style == "gpt2":
+            x = x + self.pos_embed[...][doc_pos].astype(dt)
+        x = dropout(x, c.dropout, None if rng is None else jax.random.fold_in(rng, c.n_layers))
+        x = constrain(x, ("batch", "activation_length", "activation_embed"))
+        layer_rngs = None if rng is None else jax.random.split(rng, c.n_layers)
+
+        def body(x_btd, block, kv, layer_rng):
+            return block(x_btd, doc_pos, mask, kv, start, layer_rng)
+
+        if c.remat != "none":
+            body = nnx.remat(body, policy=REMAT_POLICIES[c.remat], prevent_cse=False)
+        x, kv_out = nnx.scan(body, in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0))(
+            x, self.blocks, kv_in, layer_rngs
+        )
+        x = self.final_norm(x)
+        head = self.embed[...].T if c.tie_embeddings else self.lm_head[...]
+        logits = jnp.einsum("btd,dv->btv", x, head.astype(dt), preferred_element_type=jnp.float32)
+        logits = constrain(logits, ("batch", "activation_length", "activation_vocab"))
+        if cache is None:
+            return logits
+        return logits, {"k": kv_out[0], "v": kv_out[1], "index": start + t}
