@@ -34,7 +34,6 @@ def base_config() -> mlc.ConfigDict:
             init_std=0.02,
             dtype="float32",  # compute dtype: float32 | bfloat16 (parameters stay float32)
             remat="none",  # none | full | dots (save matmul outputs, recompute the rest)
-            scan_layers=True,
         )
     )
     c.data = mlc.ConfigDict(

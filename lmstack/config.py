@@ -1,0 +1,399 @@
+"""Finding experiments, loading their configs, overriding, validating and saving them.
+
+An experiment is a file ``experiments/NAME.py`` whose ``get_config(arg)`` returns a
+ConfigDict built from :func:`lmstack.configs.base.base_config`. The loaded config is
+locked, so a typo in an override is an error naming the closest valid keys.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import json
+import os
+import sys
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Sequence
+
+import ml_collections as mlc
+
+import lmstack
+from lmstack.configs.base import base_config
+
+# Keys that do not change a run's results, so they may differ when resuming. name and arg
+# are labels: the values they select are compared key by key.
+RESUME_SAFE_KEYS = ("name", "arg", "train.progress", "train.log_every", "eval.every", "eval.batches",
+                    "eval.batch_size", "checkpoint.keep", "checkpoint.async_save")
+RESUME_SAFE_PREFIXES = ("sample.", "log.")
+_CHOICES = {
+    "model.style": ("llama", "gpt2"),
+    "model.dtype": ("float32", "bfloat16"),
+    "model.remat": ("none", "full", "dots"),
+    "optimizer.schedule": ("cosine", "linear", "constant"),
+    "data.tokenizer.kind": ("sentencepiece", "byte", "char"),
+    "data.source": ("stdlib", "text", "jsonl"),  # later: the registry's data sources
+}
+_POSITIVE = ("train.steps", "train.batch_size", "train.microbatches", "data.seq_len",
+             "model.d_model", "model.n_layers", "model.n_heads")
+_NON_NEGATIVE = ("model.vocab_size", "model.n_kv_heads", "model.head_dim", "model.d_ff",  # 0: derived
+                 "model.max_seq_len", "optimizer.warmup_steps", "optimizer.decay_steps")
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+_PREFIXES = ("--config.", "config.")
+
+
+class ConfigError(ValueError):
+    """A config problem, reported in one line: what, where, and what to do."""
+
+
+def _show(path: Path) -> str:
+    """A path as the user would type it: relative to the current directory when inside it."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def experiment_dirs() -> list[Path]:
+    """Experiment directories, first wins: $LMSTACK_EXPERIMENTS, ./experiments, the repo's."""
+    candidates = [Path(p) for p in os.environ.get("LMSTACK_EXPERIMENTS", "").split(os.pathsep) if p]
+    candidates += [Path.cwd() / "experiments", Path(lmstack.__file__).resolve().parents[1] / "experiments"]
+    dirs: list[Path] = []
+    for d in candidates:
+        d = d.resolve()
+        if d.is_dir() and d not in dirs:
+            dirs.append(d)
+    return dirs
+
+
+def _experiment_files() -> dict[str, Path]:
+    files: dict[str, Path] = {}
+    for d in experiment_dirs():
+        for f in sorted(d.glob("*.py")):
+            if not f.name.startswith("_"):
+                files.setdefault(f.stem, f)  # the first directory wins
+    return files
+
+
+def _description(path: Path) -> str:
+    try:
+        doc = ast.get_docstring(ast.parse(path.read_text(), filename=str(path)))
+    except SyntaxError as e:
+        return f"(cannot parse: {e.msg}, line {e.lineno})"
+    return doc.splitlines()[0] if doc else ""  # get_docstring already stripped it
+
+
+def list_experiments() -> list[tuple[str, str]]:
+    """(name, one-line description) of every experiment, sorted by name."""
+    return sorted((name, _description(path)) for name, path in _experiment_files().items())
+
+
+def import_experiment(name: str) -> ModuleType:
+    """Import ``experiments/NAME.py`` as its own module ``lmstack_experiments.NAME``."""
+    files = _experiment_files()
+    if name not in files:
+        close = difflib.get_close_matches(name, files, n=3)
+        searched = ", ".join(_show(d) for d in experiment_dirs()) or "no experiments directory"
+        hint = f"did you mean {', '.join(close)}?" if close else f"none in {searched}"
+        raise ConfigError(f"unknown experiment {name!r}: {hint} (`lmstack list` shows all)")
+    module_name = f"lmstack_experiments.{name}"
+    spec = importlib.util.spec_from_file_location(module_name, files[name])
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses and pickle look the module up here
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(module_name, None)
+        raise
+    return module
+
+
+def parse_arg(arg: str | None, allowed: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Parse an experiment's variant string ``key=value,key2=value2`` into a dict.
+
+    Without ``allowed``, values are Python literals where they parse (``smoke=True`` ->
+    True, ``lr=3e-4`` -> 0.0003) and strings otherwise. With ``allowed`` (key -> default),
+    each value is parsed as its default's type, defaults fill missing keys and unknown
+    keys are an error. A bare ``key`` means ``key=True``.
+    """
+    out: dict[str, Any] = dict(allowed or {})
+    for item in filter(None, (s.strip() for s in (arg or "").split(","))):
+        key, eq, raw = (s.strip() for s in item.partition("="))
+        where = f"in variant {arg!r}"
+        if not eq:
+            if allowed is not None and key in allowed and not isinstance(allowed[key], bool):
+                raise ConfigError(f"variant key {key!r} needs a value ({where}): write {key}=VALUE")
+            raw = "True"
+        if allowed is None:
+            out[key] = _literal_or_str(raw, (bool, int, float))
+        elif key not in allowed:
+            raise ConfigError(f"unknown variant key {key!r} {where}: "
+                              f"allowed keys are {', '.join(sorted(allowed))}")
+        else:
+            out[key] = _parse_as(raw, allowed[key], f"variant key {key!r}", where)
+    return out
+
+
+def flat_items(cfg: mlc.ConfigDict, prefix: str = "") -> dict[str, Any]:
+    """Dotted path -> value for every leaf of ``cfg``."""
+    out: dict[str, Any] = {}
+    for key, value in cfg.items():
+        if isinstance(value, mlc.ConfigDict):
+            out.update(flat_items(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _literal_or_str(raw: str, types: tuple[type, ...] = (object,)) -> Any:
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return raw
+    return value if isinstance(value, types) else raw
+
+
+def _parse_as(raw: str, current: Any, what: str, where: str) -> Any:
+    """Parse ``raw`` as the type of ``current``; ``what`` and ``where`` go into the error."""
+    kind = type(current)
+    try:
+        if current is None:
+            return _literal_or_str(raw)
+        if kind is bool and raw.strip().lower() in _TRUE + _FALSE:
+            return raw.strip().lower() in _TRUE
+        if kind is int:  # scientific notation is fine when integral: steps=1e5, not 1.5
+            number = Decimal(raw.strip())
+            if number.is_finite() and number == number.to_integral_value():
+                return int(number)
+            raise ValueError(raw)
+        if kind is float:
+            return float(raw)
+        if kind is str:
+            return raw
+        value = ast.literal_eval(raw)  # other bool spellings fail here: 2 is not a bool
+        if kind in (tuple, list) and isinstance(value, (tuple, list)):
+            return kind(value)
+        if isinstance(value, kind):
+            return value
+        raise ValueError(raw)
+    except (ValueError, SyntaxError, TypeError, InvalidOperation):
+        example = {bool: " (true/false)", tuple: " (e.g. (1, 2))", list: " (e.g. [1, 2])"}.get(kind, "")
+        raise ConfigError(f"{what} expects {kind.__name__}{example}, got {raw!r} ({where})") from None
+
+
+def _closest(key: str, keys: Sequence[str]) -> str:
+    return ", ".join(difflib.get_close_matches(key, keys, n=3, cutoff=0.0))
+
+
+def _split_overrides(overrides: Sequence[str]) -> list[tuple[str, str, str]]:
+    """(key, raw value, text as written) from ``--config.a.b=v``, ``config.a.b=v``, ``--config.a.b v``."""
+    out, i = [], 0
+    while i < len(overrides):
+        text = overrides[i]
+        prefix = next((p for p in _PREFIXES if text.startswith(p)), None)
+        if prefix is None:
+            raise ConfigError(f"override {text!r} is not of the form --config.KEY=VALUE: "
+                              f"e.g. --config.optimizer.lr=3e-4")
+        key, eq, raw = text[len(prefix):].partition("=")
+        if not eq:  # the two-token form: the next item is the value, whatever it looks like
+            if i + 1 == len(overrides):
+                raise ConfigError(f"override {text!r} has no value: write {text}=VALUE")
+            i += 1
+            raw, text = overrides[i], f"{text}={overrides[i]}"
+        out.append((key, raw, text))
+        i += 1
+    return out
+
+
+def apply_overrides(cfg: mlc.ConfigDict, overrides: Sequence[str]) -> dict[str, str]:
+    """Set each ``--config.a.b=v`` in ``cfg``, parsing v as the existing value's type.
+
+    Returns {dotted key: override as written}, so later errors can say where a value came from.
+    """
+    applied: dict[str, str] = {}
+    leaves = list(flat_items(cfg))
+    for key, raw, text in _split_overrides(overrides):
+        where = f"from {text}"
+        node, parts = cfg, key.split(".")
+        for part in parts[:-1]:
+            node = node.get(part) if isinstance(node, mlc.ConfigDict) else None
+        if not isinstance(node, mlc.ConfigDict) or parts[-1] not in node:
+            raise ConfigError(f"unknown config key {key!r} ({where}): "
+                              f"closest valid keys: {_closest(key, leaves)}")
+        if isinstance(node[parts[-1]], mlc.ConfigDict):
+            example = next(k for k in leaves if k.startswith(key + "."))
+            raise ConfigError(f"config key {key!r} is a section, not a value ({where}): "
+                              f"set its keys one at a time, e.g. --config.{example}=...")
+        node[parts[-1]] = _parse_as(raw, node[parts[-1]], f"config key {key!r}", where)
+        applied[key] = text
+    return applied
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _problems(cfg: mlc.ConfigDict) -> list[tuple[tuple[str, ...], str]]:
+    """(keys involved, message) for every semantic problem in ``cfg``."""
+    flat = flat_items(cfg)
+    out: list[tuple[tuple[str, ...], str]] = []
+    for key, choices in _CHOICES.items():
+        if flat.get(key) not in choices:
+            out.append(((key,), f"{key} is {flat.get(key)!r}: must be one of {', '.join(choices)}"))
+    n_choice_problems = len(out)
+    for key in _POSITIVE:
+        if not _is_int(flat.get(key)) or flat[key] <= 0:
+            out.append(((key,), f"{key} is {flat.get(key)!r}: must be a positive int"))
+    for key in _NON_NEGATIVE:
+        if not _is_int(flat.get(key)) or flat[key] < 0:
+            out.append(((key,), f"{key} is {flat.get(key)!r}: must be an int >= 0 (0 derives it)"))
+    if len(out) > n_choice_problems:  # the arithmetic below needs the ints checked above
+        return out
+    m = cfg.model
+    bs, mb = cfg.train.batch_size, cfg.train.microbatches
+    if bs % mb:
+        up, fit = -(-bs // mb) * mb, max(d for d in range(1, mb + 1) if bs % d == 0)
+        out.append((("train.batch_size", "train.microbatches"),
+                    f"train.batch_size={bs} is not divisible by train.microbatches={mb}: "
+                    f"set train.batch_size={up} or train.microbatches={fit}"))
+    if m.n_kv_heads > 0 and m.n_heads % m.n_kv_heads:
+        out.append((("model.n_heads", "model.n_kv_heads"),
+                    f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}: "
+                    f"pick n_kv_heads dividing n_heads (0 means n_heads)"))
+    if m.head_dim == 0 and m.d_model % m.n_heads:
+        out.append((("model.d_model", "model.n_heads"),
+                    f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}: "
+                    f"change one, or set model.head_dim explicitly"))
+    vf = cfg.data.val_fraction
+    if not isinstance(vf, (int, float)) or isinstance(vf, bool) or not 0 <= vf < 1:
+        out.append((("data.val_fraction",), f"data.val_fraction is {vf!r}: must be in [0, 1)"))
+    for axis, size in cfg.mesh.items():
+        if not _is_int(size) or (size < 1 and size != -1):
+            out.append(((f"mesh.{axis}",),
+                        f"mesh.{axis} is {size!r}: must be an int >= 1, or -1 for the remaining devices"))
+    rest = [f"mesh.{a}" for a, s in cfg.mesh.items() if s == -1]
+    if len(rest) > 1:
+        out.append((tuple(rest),
+                    f"{', '.join(rest)} are each -1: at most one mesh axis may take the remaining devices"))
+    return out
+
+
+def validate(cfg: mlc.ConfigDict) -> None:
+    """Raise ConfigError naming every invalid value; model/objective names are the registry's job."""
+    problems = _problems(cfg)
+    if problems:
+        raise ConfigError("invalid config: " + "; ".join(msg for _, msg in problems))
+
+
+def _check_added_keys(cfg: mlc.ConfigDict, source: str) -> None:
+    """Experiments change values and never add keys, so an added key is a typo.
+
+    The exception is a whole new section under ``eval``: an evaluator's own settings.
+    """
+    base_cfg = base_config()
+    base = flat_items(base_cfg)
+    for key in flat_items(cfg):
+        parts = key.split(".")
+        evaluator = parts[0] == "eval" and len(parts) > 2 and parts[1] not in base_cfg.eval
+        if key not in base and not evaluator:
+            raise ConfigError(f"{source} sets {key!r}, which the base config lacks: closest valid keys: "
+                              f"{_closest(key, list(base))} (experiments change values, never add keys)")
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> mlc.ConfigDict:
+    """Load ``NAME`` or ``NAME:arg``, lock it, apply ``--config.a.b=v`` overrides, and validate."""
+    name, colon, arg = spec.partition(":")
+    module = import_experiment(name)
+    source = _show(Path(module.__file__))
+    get_config = getattr(module, "get_config", None)
+    if not callable(get_config):
+        raise ConfigError(f"{source} defines no get_config(arg=None): "
+                          f"add one returning base_config() with your changes")
+    try:
+        cfg = get_config(arg if colon else None)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    if not isinstance(cfg, mlc.ConfigDict):
+        raise ConfigError(f"{source}: get_config returned {type(cfg).__name__}, not a ConfigDict: "
+                          f"build it from base_config()")
+    _check_added_keys(cfg, source)
+    cfg.name, cfg.arg = name, arg
+    cfg.lock()
+    applied = apply_overrides(cfg, overrides)
+    problems = _problems(cfg)
+    if problems:
+        base, flat = flat_items(base_config()), flat_items(cfg)
+
+        def origin(key: str) -> str:
+            if key in applied:
+                return f"from {applied[key]}"
+            return f"set in {source}" if base.get(key, object()) != flat[key] else "the base default"
+
+        raise ConfigError(f"invalid config {spec!r}: " + "; ".join(
+            f"{msg} ({origin(keys[0]) if len(keys) == 1 else ', '.join(f'{k} is {origin(k)}' for k in keys)})"
+            for keys, msg in problems))
+    return cfg
+
+
+def save_config(cfg: mlc.ConfigDict, workdir: str | os.PathLike) -> Path:
+    """Write ``workdir/config.json`` (sorted keys, indented) atomically: a crash leaves no half file."""
+    path = Path(workdir) / "config.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".config.json.{os.getpid()}.tmp")  # same directory, so the rename is atomic
+    try:
+        tmp.write_text(json.dumps(cfg.to_dict(), sort_keys=True, indent=2) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_saved_config(workdir: str | os.PathLike) -> mlc.ConfigDict:
+    """Read ``workdir/config.json`` back into a locked ConfigDict typed like the base config."""
+    path = Path(workdir) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"no config.json in {str(workdir)!r}: "
+                          f"is this a workdir written by `lmstack train`?")
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} line {e.lineno}: not valid JSON ({e.msg}): "
+                          f"restore it or pick a new --workdir") from None
+    cfg = base_config()
+    for key, value in flat_items(mlc.ConfigDict(saved)).items():
+        node, parts = cfg, key.split(".")
+        for part in parts[:-1]:
+            if part not in node:  # a section the base lacks, e.g. an evaluator's settings
+                node[part] = mlc.ConfigDict()
+            node = node[part]
+        node[parts[-1]] = value  # ConfigDict casts to the base type: list -> tuple, int -> float
+    cfg.lock()
+    return cfg
+
+
+def _normalize(value: Any) -> Any:
+    return tuple(map(_normalize, value)) if isinstance(value, (list, tuple)) else value
+
+
+def check_resume(cfg: mlc.ConfigDict, workdir: str | os.PathLike) -> None:
+    """Refuse to resume a run in ``workdir`` whose saved config differs in a key that changes results."""
+    path = Path(workdir) / "config.json"
+    if not path.is_file():
+        return
+    old, new = flat_items(load_saved_config(workdir)), flat_items(cfg)
+
+    def show(flat: dict[str, Any], key: str) -> str:
+        return repr(flat[key]) if key in flat else "<absent>"
+
+    diffs = [f"{k}: {show(old, k)} -> {show(new, k)}" for k in sorted(old.keys() | new.keys())
+             if k not in RESUME_SAFE_KEYS and not k.startswith(RESUME_SAFE_PREFIXES)
+             and (k not in old or k not in new or _normalize(old[k]) != _normalize(new[k]))]
+    if diffs:
+        more = f"; ... and {len(diffs) - 5} more" if len(diffs) > 5 else ""
+        raise ConfigError(f"workdir {str(workdir)!r} holds a run with a different config "
+                          f"({'; '.join(diffs[:5])}{more}): resume with the same config "
+                          f"(saved in {path}) or pick a new --workdir")

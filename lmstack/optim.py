@@ -1,0 +1,64 @@
+"""AdamW with warmup and decay, global-norm clipping and weight-decay masks, from config."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import optax
+from flax import nnx
+
+
+def learning_rate_schedule(opt: Any, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 to ``lr``, then cosine / linear decay to ``lr * min_lr_ratio``
+    at ``decay_steps`` (default: the last step), or a constant rate."""
+    decay_steps = opt.decay_steps or total_steps
+    warmup = min(opt.warmup_steps, decay_steps)
+    end = opt.lr * opt.min_lr_ratio
+    warm = optax.linear_schedule(0.0, opt.lr, warmup) if warmup else None
+    rest = max(decay_steps - warmup, 1)
+    if opt.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(opt.lr, rest, alpha=opt.min_lr_ratio)
+    elif opt.schedule == "linear":
+        decay = optax.linear_schedule(opt.lr, end, rest)
+    else:
+        decay = optax.constant_schedule(opt.lr)
+    return optax.join_schedules([warm, decay], [warmup]) if warm else decay
+
+
+def _logical_names(v: nnx.Variable) -> tuple[str, ...]:
+    names = v.get_metadata().get("out_sharding") or ()
+    return tuple(n for n in names if n != "layers")
+
+
+def decays(v: nnx.Variable, decay_embeddings: bool) -> bool:
+    """Weight decay applies to matrices only: not to norms or biases (one logical axis),
+    and to lookup tables (first axis ``vocab`` or ``positions``) only if asked."""
+    names = _logical_names(v)
+    if len(names) < 2:
+        return False
+    if names[0] in ("vocab", "positions"):
+        return decay_embeddings
+    return True
+
+
+def weight_decay_mask(params: nnx.State, decay_embeddings: bool) -> nnx.State:
+    """A tree of booleans shaped like ``params``."""
+    return jax.tree.map(
+        lambda v: v.replace(decays(v, decay_embeddings)), params, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
+
+
+def make_optimizer(opt: Any, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The optax chain and its schedule (the schedule is logged as the learning rate)."""
+    schedule = learning_rate_schedule(opt, total_steps)
+    adamw = optax.adamw(
+        schedule,
+        b1=opt.b1,
+        b2=opt.b2,
+        eps=opt.eps,
+        weight_decay=opt.weight_decay,
+        mask=lambda p: weight_decay_mask(p, opt.decay_embeddings),
+    )
+    clip = [optax.clip_by_global_norm(opt.clip_norm)] if opt.clip_norm > 0 else []
+    return optax.chain(*clip, adamw), schedule

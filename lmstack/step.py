@@ -1,0 +1,121 @@
+"""The compiled train and eval steps: module-level pure functions over split state.
+
+``TrainState`` is a plain dict pytree: ``step``, ``params`` (the trainable nnx state),
+``frozen`` (the model's other variables, never differentiated) and ``opt_state``. The
+static pieces (graph definition, optimizer, objective) are bound with ``functools.partial``
+by :func:`compile_train_step`, which jits once with explicit in/out shardings.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from lmstack.objectives.base import normalise
+
+TrainState = dict[str, Any]
+
+
+def _split_microbatches(batch: dict[str, jax.Array], n: int) -> dict[str, jax.Array]:
+    """(B, ...) -> (n, B/n, ...), taking every n-th row so that each data-parallel shard
+    contributes equally to every microbatch (no resharding of the batch)."""
+
+    def split(x):
+        x = x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+        return jax.lax.with_sharding_constraint(x, P(None, ("data", "fsdp")))
+
+    return jax.tree.map(split, batch)
+
+
+def _loss_and_grads(graphdef, params, frozen, objective, batch, rng, microbatches):
+    """Summed loss, summed aux and summed gradients over the batch's microbatches."""
+
+    def loss_fn(p, mb, r):
+        return objective.loss_fn(nnx.merge(graphdef, p, frozen), mb, r)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if microbatches == 1:
+        (loss_sum, aux), grads = grad_fn(params, batch, rng)
+        return loss_sum, aux, grads
+
+    def accumulate(carry, xs):
+        mb, i = xs
+        out = grad_fn(params, mb, None if rng is None else jax.random.fold_in(rng, i))
+        return jax.tree.map(jnp.add, carry, out), None
+
+    mbs = _split_microbatches(batch, microbatches)
+    shapes = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], mbs), rng)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    ((loss_sum, aux), grads), _ = jax.lax.scan(accumulate, zeros, (mbs, jnp.arange(microbatches)))
+    return loss_sum, aux, grads
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    rng: jax.Array,
+    *,
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    objective: Any,
+    microbatches: int,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer update on one global batch; skips the update if loss or grads are not finite."""
+    params = state["params"]
+    loss_sum, aux, grads = _loss_and_grads(graphdef, params, state["frozen"], objective, batch, rng, microbatches)
+    weight = jnp.maximum(aux["weight"], 1.0)
+    grads = jax.tree.map(lambda g: g / weight, grads)
+    loss = loss_sum / weight
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+    new_state = {
+        "step": state["step"] + 1,
+        "params": keep(new_params, params),
+        "frozen": state["frozen"],
+        "opt_state": keep(opt_state, state["opt_state"]),
+    }
+    metrics = {
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "lr": schedule(state["step"]),
+        "tokens": aux["weight"],
+        "skipped": 1.0 - finite.astype(jnp.float32),
+        **{k: v for k, v in normalise(aux).items()},
+    }
+    return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef, objective: Any):
+    """Summed loss and aux of one batch, deterministic (no dropout)."""
+    loss_sum, aux = objective.loss_fn(nnx.merge(graphdef, state["params"], state["frozen"]), batch, None)
+    return {"loss": loss_sum, **aux}
+
+
+def compile_train_step(graphdef, tx, schedule, objective, microbatches, state_sharding, batch_sharding: NamedSharding):
+    """``jax.jit`` of :func:`train_step` with its static parts bound; donates the state."""
+    fn = functools.partial(
+        train_step, graphdef=graphdef, tx=tx, schedule=schedule, objective=objective, microbatches=microbatches
+    )
+    replicated = NamedSharding(batch_sharding.mesh, P())
+    return jax.jit(
+        fn,
+        in_shardings=(state_sharding, batch_sharding, replicated),
+        out_shardings=(state_sharding, replicated),
+        donate_argnums=0,
+    )
+
+
+def compile_eval_step(graphdef, objective, state_sharding, batch_sharding: NamedSharding):
+    fn = functools.partial(eval_step, graphdef=graphdef, objective=objective)
+    replicated = NamedSharding(batch_sharding.mesh, P())
+    return jax.jit(fn, in_shardings=(state_sharding, batch_sharding), out_shardings=replicated)

@@ -1,0 +1,41 @@
+"""Small builders shared by tests: a tiny config and synthetic packed batches."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lmstack.configs.base import base_config
+
+
+def tiny_config(style: str = "llama", **train):
+    """A 2-layer, d=64 model whose every dimension divides the 8-device meshes we test."""
+    c = base_config()
+    c.model.style = style
+    c.model.vocab_size = 256
+    c.model.d_model = 64
+    c.model.n_layers = 2
+    c.model.n_heads = 8
+    c.model.n_kv_heads = 4 if style == "llama" else 0
+    c.model.d_ff = 128
+    c.data.seq_len = 16
+    c.train.batch_size = 8
+    c.optimizer.warmup_steps = 2
+    c.optimizer.lr = 3e-3
+    c.train.steps = 10
+    c.train.update(train)
+    return c
+
+
+def packed_batch(rng: np.random.Generator, batch: int, seq_len: int, vocab: int = 256) -> dict[str, np.ndarray]:
+    """Random tokens in rows of 2-3 documents, with segment ids and in-document positions."""
+    n = seq_len + 1
+    seg = np.zeros((batch, n), np.int32)
+    pos = np.zeros((batch, n), np.int32)
+    for r in range(batch):
+        cuts = sorted(rng.choice(np.arange(2, n - 1), size=rng.integers(1, 3), replace=False))
+        bounds = [0, *cuts, n]
+        for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+            seg[r, a:b] = i + 1
+            pos[r, a:b] = np.arange(b - a)
+    tokens = rng.integers(0, vocab, size=(batch, n)).astype(np.int32)
+    return {"tokens": tokens, "segment_ids": seg, "positions": pos}
