@@ -21,7 +21,7 @@ import pathlib
 import shutil
 import sys
 import tempfile
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import grain
 import numpy as np
@@ -45,7 +45,7 @@ class TokenStream:
 
     tokens: np.ndarray  # int32 [n_tokens]
     doc_starts: np.ndarray  # int64 [n_docs]
-    name: str = "all"  # which split, for error messages
+    name: str = ""  # which split ("train", "val"), for error messages
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -261,7 +261,8 @@ def _check_stream(stream: TokenStream, seq_len: int) -> None:
         todo = "raise --config.data.val_fraction, lower --config.data.seq_len, or use more data"
     else:
         todo = "lower --config.data.seq_len, lower --config.data.val_fraction, or use more data"
+    what = f"the {stream.name} split" if stream.name else "the token stream"
     raise DataError(
-        f"data.seq_len: the {stream.name} split has {len(stream)} tokens, fewer than one window "
+        f"data.seq_len: {what} has {len(stream)} tokens, fewer than one window "
         f"of seq_len + 1 = {seq_len + 1}: {todo}"
     )

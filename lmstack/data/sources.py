@@ -103,7 +103,8 @@ def jsonl_documents(data_cfg: mlc.ConfigDict) -> list[str]:
                 documents.append(_jsonl_field(line, field, f"{path}:{lineno}"))
     if not documents:
         raise DataError(
-            f"data.path: {data_cfg.path!r} is empty: point --config.data.path at JSONL with one object per line"
+            f"data.path: {data_cfg.path!r} is empty: "
+            "point --config.data.path at JSONL with one object per line"
         )
     return documents
 

@@ -35,15 +35,11 @@ class Tokenizer(Protocol):
     bos_id: int | None
     eos_id: int | None
     pad_id: int | None
+    identity: str  # a stable digest of everything that decides the ids, for cache keys
 
     def encode(self, text: str) -> list[int]: ...
 
     def decode(self, ids: Iterable[int]) -> str: ...
-
-    @property
-    def identity(self) -> str:
-        """A stable digest of everything that decides the ids, for cache keys."""
-        ...
 
 
 class ByteTokenizer:
@@ -73,7 +69,8 @@ class CharTokenizer:
         self._ids = {c: i for i, c in enumerate(self.chars)}
         if len(self._ids) != len(self.chars) or any(len(c) != 1 for c in self.chars):
             raise DataError("char tokenizer: the vocabulary must be distinct single characters: rebuild it")
-        self.identity = "char-" + hashlib.sha256("".join(self.chars).encode("utf-8", "surrogatepass")).hexdigest()
+        digest = hashlib.sha256("".join(self.chars).encode("utf-8", "surrogatepass"))
+        self.identity = "char-" + digest.hexdigest()
 
     @classmethod
     def from_documents(cls, documents: Iterable[str]) -> CharTokenizer:
@@ -90,7 +87,8 @@ class CharTokenizer:
             pos = text.index(e.args[0])
             raise DataError(
                 f"char tokenizer: character {e.args[0]!r} at position {pos} is not in the "
-                f"{self.vocab_size}-character vocabulary: remove it or rebuild the tokenizer on text containing it"
+                f"{self.vocab_size}-character vocabulary: "
+                "remove it or rebuild the tokenizer on text containing it"
             ) from None
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -203,7 +201,9 @@ def train_tokenizer_files(
         try:
             documents.append(p.read_text(encoding="utf-8"))
         except UnicodeDecodeError as e:
-            raise DataError(f"--input: {path}: not valid UTF-8 (byte {e.start}): convert it to UTF-8") from None
+            raise DataError(
+                f"--input: {path}: not valid UTF-8 (byte {e.start}): convert it to UTF-8"
+            ) from None
     return train_sentencepiece(
         documents, vocab_size=vocab_size, model_type=model_type, out_path=out,
         max_train_chars=max_train_chars,

@@ -24,7 +24,7 @@ def private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LMSTACK_CACHE", str(tmp_path / "cache"))
 
 
-def stream_of(doc_lengths, name="all"):
+def stream_of(doc_lengths, name=""):
     """Tokens 0, 1, 2, ... so a window's first token is its start offset."""
     lengths = np.asarray(doc_lengths)
     return TokenStream(np.arange(lengths.sum(), dtype=np.int32), np.cumsum(lengths) - lengths, name)
@@ -104,7 +104,8 @@ def test_split_errors():
         "data.seq_len: the val split has 10 tokens, fewer than one window of seq_len + 1 = 17: "
         "raise --config.data.val_fraction, lower --config.data.seq_len, or use more data"
     )
-    with pytest.raises(DataError, match=r"^data\.seq_len: the train split has 50 tokens, .* = 65: lower --config"):
+    too_long = r"^data\.seq_len: the train split has 50 tokens, .* = 65: lower --config"
+    with pytest.raises(DataError, match=too_long):
         split_stream(stream, 0.5, seq_len=64)
     assert len(split_stream(stream, 0.0, seq_len=64)[0]) == 100  # no val split: nothing to check there
 
@@ -239,12 +240,16 @@ def test_eval_batches_max_batches_and_errors():
         eval_batches(stream, seq_len=10, batch_size=3, max_batches=-1)
     with pytest.raises(DataError, match=r"^eval\.batch_size: 0 is not positive"):
         eval_batches(stream, seq_len=10, batch_size=0)
-    with pytest.raises(DataError, match=r"^data\.seq_len: the val split has 0 tokens.*raise --config\.data\.val_fraction"):
+    empty = r"^data\.seq_len: the val split has 0 tokens.*raise --config\.data\.val_fraction"
+    with pytest.raises(DataError, match=empty):
         eval_batches(stream_of([], name="val"), seq_len=10, batch_size=3)
 
 
 def test_packed_examples_segments_match_the_examples():
-    examples = [{"x": list(range(100 * i, 100 * i + n)), "y": [i] * (n % 3 + 1)} for i, n in enumerate([3, 5, 2, 9, 4, 1, 6, 7])]
+    examples = [
+        {"x": list(range(100 * i, 100 * i + n)), "y": [i] * (n % 3 + 1)}
+        for i, n in enumerate([3, 5, 2, 9, 4, 1, 6, 7])
+    ]
     lengths = {"x": 8, "y": 4}
     it = packed_examples_iterator(examples, feature_lengths=lengths, batch_size=2, seed=0, num_epochs=1)
     seen = []
@@ -270,7 +275,8 @@ def test_packed_examples_shuffle_by_seed():
     examples = [{"x": [i + 1]} for i in range(32)]
 
     def first(seed):
-        return next(packed_examples_iterator(examples, feature_lengths={"x": 4}, batch_size=2, seed=seed))["x"]
+        it = packed_examples_iterator(examples, feature_lengths={"x": 4}, batch_size=2, seed=seed)
+        return next(it)["x"]
 
     np.testing.assert_array_equal(first(0), first(0))
     assert not np.array_equal(first(0), first(1))

@@ -122,7 +122,8 @@ def test_jsonl_malformed_line(tmp_path):
 
 
 def test_jsonl_missing_field_lists_the_fields(tmp_path):
-    path = write_jsonl(tmp_path / "f.jsonl", [json.dumps({"text": "ok"})] * 2 + [json.dumps({"prompt": "p", "answer": "a"})])
+    lines = [json.dumps({"text": "ok"})] * 2 + [json.dumps({"prompt": "p", "answer": "a"})]
+    path = write_jsonl(tmp_path / "f.jsonl", lines)
     with pytest.raises(DataError) as e:
         load_documents(data_cfg(source="jsonl", path=path))
     assert str(e.value) == (
@@ -138,7 +139,8 @@ def test_jsonl_non_string_and_non_object(tmp_path):
         f"data.jsonl: {path}:1: field 'text' is int, not a string: set --config.data.field to a text field"
     )
     path = write_jsonl(tmp_path / "g.jsonl", ["[1, 2]"])
-    with pytest.raises(DataError, match=r"g\.jsonl:1: expected a JSON object, got list: write one object per line"):
+    not_object = r"g\.jsonl:1: expected a JSON object, got list: write one object per line"
+    with pytest.raises(DataError, match=not_object):
         load_documents(data_cfg(source="jsonl", path=path))
 
 

@@ -148,7 +148,8 @@ def test_build_tokenizer_kinds():
     cfg.tokenizer.kind = "char"
     assert build_tokenizer(cfg, ["abca"]).chars == ["a", "b", "c"]
     cfg.tokenizer.kind = "wordpiece"
-    with pytest.raises(DataError, match=r"^data\.tokenizer\.kind: 'wordpiece' is unknown: pass sentencepiece, byte or char$"):
+    unknown = r"^data\.tokenizer\.kind: 'wordpiece' is unknown: pass sentencepiece, byte or char$"
+    with pytest.raises(DataError, match=unknown):
         build_tokenizer(cfg, ["x"])
 
 
@@ -184,7 +185,11 @@ def test_build_sentencepiece_from_path(tmp_path, sp_tok):
 
 @pytest.mark.parametrize("kind", ["byte", "char", "sentencepiece"])
 def test_save_and_load_round_trip(tmp_path, sp_tok, kind):
-    tok = {"byte": ByteTokenizer(), "char": CharTokenizer.from_documents(CODE_DOCS), "sentencepiece": sp_tok}[kind]
+    tok = {
+        "byte": ByteTokenizer(),
+        "char": CharTokenizer.from_documents(CODE_DOCS),
+        "sentencepiece": sp_tok,
+    }[kind]
     save_tokenizer(tok, tmp_path / "run" / "tokenizer")
     loaded = load_tokenizer(tmp_path / "run" / "tokenizer")
     assert (loaded.kind, loaded.vocab_size, loaded.identity) == (tok.kind, tok.vocab_size, tok.identity)
@@ -209,5 +214,6 @@ def test_train_tokenizer_files(tmp_path):
     tok = SentencePieceTokenizer.load(out)
     assert tok.vocab_size == SP_VOCAB
     assert tok.decode(tok.encode(CODE_DOCS[1])) == CODE_DOCS[1]
-    with pytest.raises(DataError, match=r"^--input: no such file '.*missing\.txt': pass existing text files$"):
+    missing = r"^--input: no such file '.*missing\.txt': pass existing text files$"
+    with pytest.raises(DataError, match=missing):
         train_tokenizer_files([tmp_path / "missing.txt"], SP_VOCAB, tmp_path / "x.model")

@@ -1,0 +1,52 @@
+"""Peak FLOP/s of the device, for MFU: datasheet numbers for accelerators, a measured
+matmul rate for CPUs (there is no datasheet number that means anything for a shared CPU)."""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Dense (no sparsity) peak FLOP/s per chip, by dtype.
+DATASHEET = {
+    "H100": {"bfloat16": 989e12, "float32": 67e12},
+    "H200": {"bfloat16": 989e12, "float32": 67e12},
+    "A100": {"bfloat16": 312e12, "float32": 19.5e12},
+    "TPU v4": {"bfloat16": 275e12, "float32": 275e12},
+    "TPU v5 lite": {"bfloat16": 197e12, "float32": 197e12},
+    "TPU v5p": {"bfloat16": 459e12, "float32": 459e12},
+}
+
+
+def measure_matmul_flops(dtype: str = "float32", n: int = 1024, repeats: int = 10) -> float:
+    """Median FLOP/s of an n x n x n matmul on the default device."""
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype)
+    b = jnp.asarray(np.random.default_rng(1).standard_normal((n, n)), dtype)
+    mm = jax.jit(lambda x, y: x @ y)
+    mm(a, b).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        mm(a, b).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / float(np.median(times))
+
+
+@functools.cache
+def peak_flops(dtype: str = "float32") -> float:
+    """Peak FLOP/s of one device of the default backend for ``dtype`` (all local devices
+    together on CPU, where the fake devices share the same cores)."""
+    kind = jax.devices()[0].device_kind
+    for name, rates in DATASHEET.items():
+        if name.lower() in kind.lower():
+            return rates.get(dtype, rates["float32"])
+    return measure_matmul_flops(dtype)
+
+
+def mfu(flops_per_token: float, tokens_per_second: float, dtype: str) -> float:
+    """Model FLOPs utilisation: achieved model FLOP/s over the devices' peak."""
+    n = 1 if jax.default_backend() == "cpu" else jax.device_count()
+    return flops_per_token * tokens_per_second / (peak_flops(dtype) * n)
