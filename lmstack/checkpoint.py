@@ -18,13 +18,11 @@ import orbax.checkpoint as ocp
 class Checkpointer:
     """Keep-N manager over ``WORKDIR/checkpoints``; every save holds state + data + config."""
 
-    def __init__(self, workdir: str | Path, *, keep: int = 3, async_save: bool = True, read_only: bool = False):
+    def __init__(self, workdir: str | Path, *, keep: int = 3, async_save: bool = True):
         self.directory = Path(workdir).resolve() / "checkpoints"
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             enable_async_checkpointing=async_save,
-            create=not read_only,
-            read_only=read_only,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 

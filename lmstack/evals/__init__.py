@@ -1,0 +1,1 @@
+from lmstack.evals import perplexity  # noqa: F401  (registers eval.perplexity)

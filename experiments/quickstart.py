@@ -1,0 +1,52 @@
+"""Pre-train a small Llama-style LM on Python's own standard library (~5 min on 2 CPU cores).
+
+Launch:  lmstack train quickstart --workdir runs/quickstart
+Data:    the standard library's .py sources and pydoc topics (ships with every Python),
+         tokenized by a 4096-piece SentencePiece model trained on first use and cached.
+Expect:  held-out perplexity about 12 (loss ~2.5) after 500 steps of 16 x 256 tokens;
+         a sample that looks like Python. ``quickstart:smoke=True`` runs in seconds.
+"""
+
+from lmstack.config import parse_arg
+from lmstack.configs.base import base_config
+
+
+def get_config(arg: str | None = None):
+    args = parse_arg(arg, allowed={"smoke": False})
+    c = base_config()
+    c.model.style = "llama"
+    c.model.d_model = 192
+    c.model.n_layers = 4
+    c.model.n_heads = 6
+    c.model.n_kv_heads = 2
+    c.model.tie_embeddings = True
+    c.data.source = "stdlib"
+    c.data.seq_len = 256
+    c.data.tokenizer.kind = "sentencepiece"
+    c.data.tokenizer.vocab_size = 4096
+    c.train.batch_size = 16
+    c.train.steps = 500
+    c.train.log_every = 10
+    c.optimizer.lr = 2e-3
+    c.optimizer.warmup_steps = 50
+    c.optimizer.b2 = 0.99
+    c.checkpoint.every = 100
+    c.eval.every = 250
+    c.eval.batches = 8
+    c.sample.prompt = "def fibonacci(n):\n"
+    c.sample.temperature = 0.7
+    if args["smoke"]:
+        c.model.d_model, c.model.n_layers, c.model.n_heads, c.model.n_kv_heads = 64, 2, 4, 2
+        c.data.max_chars = 300_000
+        c.data.tokenizer.vocab_size = 512
+        c.data.tokenizer.max_train_chars = 300_000
+        c.data.seq_len = 64
+        c.train.batch_size = 8
+        c.train.steps = 6
+        c.train.log_every = 2
+        c.optimizer.warmup_steps = 2
+        c.checkpoint.every = 3
+        c.eval.every = 3
+        c.eval.batches = 2
+        c.sample.max_new_tokens = 8
+    return c

@@ -1,0 +1,56 @@
+"""nanoGPT's CPU baseline: a character-level GPT-2-style model on Tiny Shakespeare.
+
+Launch:  lmstack train shakespeare_char --workdir runs/shakespeare_char \
+             --config.data.path=../shared/data/tinyshakespeare/input.txt
+Config:  nanoGPT's config/train_shakespeare_char.py as shrunk for CPU in its README:
+         4 layers, 4 heads, d=128, block 64, batch 12, no dropout, no biases, tied
+         embeddings; AdamW lr 1e-3, betas (0.9, 0.99), weight decay 0.1 on matrices
+         (embeddings included, as nanoGPT decays every 2-D weight), clip 1.0, warmup 100,
+         cosine to 1e-4 at 2000 iterations; 90/10 train/validation split of the characters.
+Expect:  validation loss about 1.88 at iteration 2000 (nanoGPT's PyTorch CPU run), in
+         about 1.5 minutes on 2 cores. Benchmark: python tools/bench_shakespeare.py.
+"""
+
+from lmstack.config import parse_arg
+from lmstack.configs.base import base_config
+
+
+def get_config(arg: str | None = None):
+    args = parse_arg(arg, allowed={"smoke": False})
+    c = base_config()
+    c.model.style = "gpt2"
+    c.model.d_model = 128
+    c.model.n_layers = 4
+    c.model.n_heads = 4
+    c.model.use_bias = False
+    c.model.tie_embeddings = True
+    c.model.dropout = 0.0
+    c.data.source = "text"
+    c.data.seq_len = 64
+    c.data.val_fraction = 0.1
+    c.data.tokenizer.kind = "char"
+    c.train.batch_size = 12
+    c.train.steps = 2000
+    c.train.log_every = 50
+    c.optimizer.lr = 1e-3
+    c.optimizer.min_lr_ratio = 0.1
+    c.optimizer.schedule = "cosine"
+    c.optimizer.warmup_steps = 100
+    c.optimizer.b1, c.optimizer.b2 = 0.9, 0.99
+    c.optimizer.weight_decay = 0.1
+    c.optimizer.decay_embeddings = True
+    c.optimizer.clip_norm = 1.0
+    c.checkpoint.every = 1000
+    c.eval.every = 500
+    c.eval.batches = 0  # the whole validation split
+    c.eval.batch_size = 60
+    c.sample.prompt = "ROMEO:"
+    c.sample.max_new_tokens = 56
+    if args["smoke"]:
+        c.train.steps = 6
+        c.train.log_every = 2
+        c.optimizer.warmup_steps = 2
+        c.checkpoint.every = 3
+        c.eval.every = 3
+        c.eval.batches = 2
+    return c

@@ -1,0 +1,170 @@
+"""The training loop: init or resume, the compiled step, logging, evaluation, checkpoints.
+
+Nothing here knows what the model or the objective is; both come from the registry by the
+names in the config. Re-running the same command in a workdir that holds a checkpoint
+resumes from it exactly: the state, the data iterator's position and the per-step RNG
+(``fold_in(seed, step)``) all continue where they stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections as mlc
+from flax import nnx
+from tqdm import tqdm
+
+from lmstack import registry
+from lmstack.checkpoint import Checkpointer
+from lmstack.config import check_resume, save_config
+from lmstack.data.pipeline import train_iterator
+from lmstack.metrics_log import MetricsWriter
+from lmstack.perf import mfu
+from lmstack.run import build_mesh, describe, load_data, state_layout, validation_batches
+from lmstack.sample import continue_text, encode_prompt
+from lmstack.sharding import batch_sharding
+from lmstack.step import compile_eval_step, compile_train_step
+from lmstack.trainstate import init_state, param_count
+
+
+class _StopFlag:
+    """Set by SIGTERM/SIGINT; the loop checks it between steps, saves and exits cleanly."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopFlag":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._set)
+        return self
+
+    def _set(self, signum: int, frame: Any) -> None:
+        self.signal = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _say(msg: str) -> None:
+    tqdm.write(msg, file=sys.stdout)
+
+
+def train(cfg: mlc.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+    """Train ``cfg`` in ``workdir`` (resuming if it holds a checkpoint); returns a summary."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    mesh = build_mesh(cfg)
+    data = load_data(cfg, workdir)
+    with cfg.unlocked():
+        cfg.model.vocab_size = cfg.model.vocab_size or data.tokenizer.vocab_size
+    check_resume(cfg, workdir)
+    save_config(cfg, workdir)
+
+    make_model, mcfg, tx, schedule, graphdef, abstract, shardings = state_layout(cfg, data.tokenizer.vocab_size, mesh)
+    objective = registry.lookup("objective", cfg.objective.name)(cfg)
+    ckpt = Checkpointer(workdir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+    train_iter = train_iterator(data.train, seq_len=cfg.data.seq_len, batch_size=cfg.train.batch_size, seed=cfg.data.seed)
+    if ckpt.latest_step() is not None:
+        state = ckpt.restore(None, abstract, train_iter)
+        _say(f"resumed from {ckpt.directory} at step {int(state['step'])}")
+    else:
+        _, state, _ = init_state(make_model, tx, mesh)
+    _say(describe(cfg, mcfg, param_count(abstract), mesh, len(data.train)))
+
+    bsh = batch_sharding(mesh)
+    step_fn = compile_train_step(graphdef, tx, schedule, objective, cfg.train.microbatches, shardings, bsh)
+    eval_fn = compile_eval_step(graphdef, objective, shardings, bsh)
+    val_batches = validation_batches(cfg, data)
+    writer = MetricsWriter(workdir, jsonl=cfg.log.jsonl, tensorboard=cfg.log.tensorboard)
+    config_json = cfg.to_dict()
+    fpt = mcfg.flops_per_token(cfg.data.seq_len)
+    tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+    base_rng = jax.random.key(cfg.train.seed)
+
+    def run_eval(step: int) -> dict[str, float]:
+        with jax.set_mesh(mesh):
+            sums = lambda b: eval_fn(state, jax.device_put(b, bsh))  # noqa: E731
+            results = dict(registry.lookup("eval", "perplexity")(sums, val_batches))
+        if results:
+            writer.write(step, results, prefix="eval")
+            _say(f"step {step}: " + "  ".join(f"eval/{k} {v:.4f}" for k, v in results.items()))
+        return results
+
+    start = int(state["step"])
+    summary: dict[str, Any] = {"start_step": start}
+    step_times: list[float] = []
+    compile_s = None
+    bar = tqdm(total=cfg.train.steps, initial=start, disable=not cfg.train.progress, unit="step",
+               dynamic_ncols=True, file=sys.stderr)
+    step = start
+    try:
+        with _StopFlag() as stop, jax.set_mesh(mesh):
+            last_t, last_step = time.perf_counter(), start
+            while step < cfg.train.steps and stop.signal is None:
+                batch = jax.device_put(next(train_iter), bsh)
+                state, metrics = step_fn(state, batch, jax.random.fold_in(base_rng, step))
+                step += 1
+                bar.update(1)
+                if step % cfg.train.log_every == 0 or step == cfg.train.steps or step == start + 1:
+                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    now = time.perf_counter()
+                    per_step = (now - last_t) / (step - last_step)
+                    if compile_s is None:
+                        compile_s = now - last_t
+                    else:
+                        step_times.append(per_step)
+                    last_t, last_step = now, step
+                    tps = tokens_per_step / per_step
+                    metrics.update(tokens_per_sec=tps, mfu=mfu(fpt, tps, cfg.model.dtype))
+                    writer.write(step, metrics)
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
+                    if not math.isfinite(metrics["loss"]):
+                        _say(f"step {step}: loss is {metrics['loss']}; the update was skipped")
+                if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
+                    run_eval(step)
+                    last_t = time.perf_counter()  # evaluation time is not training throughput
+                if step % cfg.checkpoint.every == 0 or step == cfg.train.steps or stop.signal is not None:
+                    ckpt.save(step, state, train_iter, config_json)
+            if stop.signal is not None:
+                ckpt.wait()
+                _say(f"received signal {stop.signal}: saved a checkpoint at step {step} in {ckpt.directory}; "
+                     f"re-run the same command to resume")
+                summary.update(step=step, interrupted=True)
+                return summary
+        eval_results = run_eval(step)
+    finally:
+        bar.close()
+        ckpt.close()  # waits for in-flight saves: they hold good state
+        writer.close()
+    summary.update(
+        step=step,
+        compile_s=compile_s,
+        ms_per_step=1e3 * statistics.median(step_times) if step_times else None,
+        tokens_per_sec=tokens_per_step / statistics.median(step_times) if step_times else None,
+        eval=eval_results,
+    )
+    summary["sample"] = sample_text(cfg, state, graphdef, data)
+    if eval_results:
+        _say(f"held-out perplexity {eval_results['perplexity']:.3f} (loss {eval_results['loss']:.4f}) at step {step}")
+    _say("sample: " + summary["sample"])
+    return summary
+
+
+def sample_text(cfg: mlc.ConfigDict, state: dict, graphdef: Any, data: Any) -> str:
+    """A continuation of ``sample.prompt`` (default: the start of the validation text)."""
+    tok = data.tokenizer
+    source = data.val if len(data.val) else data.train
+    ids = encode_prompt(tok, cfg.sample.prompt) if cfg.sample.prompt else [int(t) for t in source.tokens[:16]]
+    model = nnx.merge(graphdef, jax.device_get(state["params"]), jax.device_get(state["frozen"]))
+    s = cfg.sample
+    return continue_text(model, tok, ids, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                         top_k=s.top_k, top_p=s.top_p, seed=s.seed)[0]
