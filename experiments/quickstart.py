@@ -20,6 +20,7 @@ def get_config(arg: str | None = None):
     c.model.n_heads = 6
     c.model.n_kv_heads = 2
     c.model.tie_embeddings = True
+    c.model.scan_unroll = 4  # unrolled, XLA:CPU runs the backward pass ~2x faster
     c.data.source = "stdlib"
     c.data.seq_len = 256
     c.data.tokenizer.kind = "sentencepiece"

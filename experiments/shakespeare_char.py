@@ -25,6 +25,7 @@ def get_config(arg: str | None = None):
     c.model.use_bias = False
     c.model.tie_embeddings = True
     c.model.dropout = 0.0
+    c.model.scan_unroll = 4  # 4 layers: unrolled, the CPU backward pass runs ~2x faster
     c.data.source = "text"
     c.data.seq_len = 64
     c.data.val_fraction = 0.1

@@ -37,7 +37,7 @@ _CHOICES = {
     "data.source": ("stdlib", "text", "jsonl"),  # later: the registry's data sources
 }
 _POSITIVE = ("train.steps", "train.batch_size", "train.microbatches", "data.seq_len",
-             "model.d_model", "model.n_layers", "model.n_heads")
+             "model.d_model", "model.n_layers", "model.n_heads", "model.scan_unroll")
 _NON_NEGATIVE = ("model.vocab_size", "model.n_kv_heads", "model.head_dim", "model.d_ff",  # 0: derived
                  "model.max_seq_len", "optimizer.warmup_steps", "optimizer.decay_steps")
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")

@@ -90,7 +90,7 @@ def train_step(
         "lr": schedule(state["step"]),
         "tokens": aux["weight"],
         "skipped": 1.0 - finite.astype(jnp.float32),
-        **{k: v for k, v in normalise(aux).items()},
+        **normalise(aux),
     }
     return new_state, metrics
 

@@ -39,3 +39,26 @@ def packed_batch(rng: np.random.Generator, batch: int, seq_len: int, vocab: int 
             pos[r, a:b] = np.arange(b - a)
     tokens = rng.integers(0, vocab, size=(batch, n)).astype(np.int32)
     return {"tokens": tokens, "segment_ids": seg, "positions": pos}
+
+
+_WORDS = (
+    "the king queen lord lady night day love death sword crown heart blood fair sweet "
+    "noble gentle speak hear come go stay fly weep laugh sleep dream honour grace"
+).split()
+_NAMES = ("ROMEO", "JULIET", "HAMLET", "OPHELIA", "LEAR", "CORDELIA")
+
+
+def corpus_text(n_chars: int = 8000, seed: int = 0) -> str:
+    """Deterministic play-like text (names, words, punctuation) of at least ``n_chars`` characters."""
+    rng = np.random.default_rng(seed)
+    lines: list[str] = []
+    size = 0
+    while size < n_chars:
+        if rng.random() < 0.2:
+            line = f"{_NAMES[rng.integers(len(_NAMES))]}:"
+        else:
+            words = [_WORDS[i] for i in rng.integers(len(_WORDS), size=rng.integers(4, 10))]
+            line = " ".join(words).capitalize() + ".,;!?"[rng.integers(5)]
+        lines.append(line)
+        size += len(line) + 1
+    return "\n".join(lines) + "\n"

@@ -34,6 +34,9 @@ def base_config() -> mlc.ConfigDict:
             init_std=0.02,
             dtype="float32",  # compute dtype: float32 | bfloat16 (parameters stay float32)
             remat="none",  # none | full | dots (save matmul outputs, recompute the rest)
+            # Layers per iteration of the layer scan: 1 keeps compile time flat in depth;
+            # n_layers unrolls fully, which XLA:CPU runs ~2x faster in the backward pass.
+            scan_unroll=1,
         )
     )
     c.data = mlc.ConfigDict(

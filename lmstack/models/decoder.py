@@ -27,6 +27,7 @@ from lmstack.models.layers import (
     LayerNorm,
     RMSNorm,
     attention_mask,
+    dense,
     dropout,
     param,
 )
@@ -55,6 +56,7 @@ class DecoderConfig:
     init_std: float = 0.02
     dtype: str = "float32"
     remat: str = "none"
+    scan_unroll: int = 1
 
     @classmethod
     def from_config(cls, m: Any, *, vocab_size: int, max_seq_len: int) -> "DecoderConfig":
@@ -84,6 +86,7 @@ class DecoderConfig:
             init_std=m.init_std,
             dtype=m.dtype,
             remat=m.remat,
+            scan_unroll=m.scan_unroll,
         )
 
     def flops_per_token(self, seq_len: int) -> float:
@@ -192,12 +195,12 @@ class Decoder(nnx.Module):
 
         if c.remat != "none":
             body = nnx.remat(body, policy=REMAT_POLICIES[c.remat], prevent_cse=False)
-        x, kv_out = nnx.scan(body, in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0))(
+        x, kv_out = nnx.scan(body, in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0), unroll=min(c.scan_unroll, c.n_layers))(
             x, self.blocks, kv_in, layer_rngs
         )
         x = self.final_norm(x)
         head = self.embed[...].T if c.tie_embeddings else self.lm_head[...]
-        logits = jnp.einsum("btd,dv->btv", x, head.astype(dt), preferred_element_type=jnp.float32)
+        logits = dense(x, head.astype(dt), out_dtype=jnp.float32)
         logits = constrain(logits, ("batch", "activation_length", "activation_vocab"))
         if cache is None:
             return logits
