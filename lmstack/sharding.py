@@ -13,7 +13,6 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 from flax import nnx
-from flax.core import spmd
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -83,7 +82,7 @@ def logical_to_spec(names: Sequence[str | None]) -> P:
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """Pin an activation's sharding by logical names; a no-op outside a mesh context."""
-    if not spmd.get_logical_axis_rules() or jax.sharding.get_abstract_mesh().empty:
+    if jax.sharding.get_abstract_mesh().empty:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(names))
 
