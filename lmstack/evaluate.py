@@ -10,7 +10,7 @@ import jax
 import ml_collections as mlc
 
 from lmstack import registry
-from lmstack.run import build_mesh, load_data, restore_checkpoint, validation_batches
+from lmstack.run import build_mesh, load_data, restore_checkpoint
 from lmstack.sharding import batch_sharding
 from lmstack.step import compile_eval_step
 
@@ -27,7 +27,7 @@ def evaluate(cfg: mlc.ConfigDict, workdir: str | Path, step: int | None = None) 
     eval_fn = compile_eval_step(graphdef, objective, shardings, bsh)
     with jax.set_mesh(mesh):
         sums = lambda b: eval_fn(state, jax.device_put(b, bsh))  # noqa: E731
-        results = dict(registry.lookup("eval", "perplexity")(sums, validation_batches(cfg, data)))
+        results = dict(registry.lookup("eval", "perplexity")(sums, objective.eval_batches(data)))
     out = {"step": int(state["step"]), **results}
     (workdir / "eval").mkdir(exist_ok=True)
     (workdir / "eval" / f"step_{out['step']}.json").write_text(json.dumps(out, indent=1))

@@ -15,7 +15,7 @@ import ml_collections as mlc
 from jax.sharding import Mesh
 
 from lmstack.config import ConfigError
-from lmstack.data.pipeline import TokenStream, eval_batches, split_stream, tokenize_documents
+from lmstack.data.pipeline import TokenStream, split_stream, tokenize_documents
 from lmstack.data.sources import load_documents
 from lmstack.data.tokenizers import Tokenizer, build_tokenizer, load_tokenizer, save_tokenizer
 from lmstack.optim import make_optimizer
@@ -69,15 +69,6 @@ def build_mesh(cfg: mlc.ConfigDict) -> Mesh:
     check_batch(cfg.train.batch_size // cfg.train.microbatches, mesh, "train.batch_size / train.microbatches")
     check_batch(cfg.eval.batch_size or cfg.train.batch_size, mesh, "eval.batch_size")
     return mesh
-
-
-def validation_batches(cfg: mlc.ConfigDict, data: RunData) -> list[dict]:
-    if not len(data.val):
-        return []
-    return eval_batches(
-        data.val, seq_len=cfg.data.seq_len, batch_size=cfg.eval.batch_size or cfg.train.batch_size,
-        max_batches=cfg.eval.batches,
-    )
 
 
 def state_layout(cfg: mlc.ConfigDict, vocab_size: int, mesh: Mesh):

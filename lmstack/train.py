@@ -24,10 +24,9 @@ from tqdm import tqdm
 from lmstack import registry
 from lmstack.checkpoint import Checkpointer
 from lmstack.config import check_resume, save_config
-from lmstack.data.pipeline import train_iterator
 from lmstack.metrics_log import MetricsWriter
 from lmstack.perf import mfu
-from lmstack.run import build_mesh, describe, load_data, state_layout, validation_batches
+from lmstack.run import build_mesh, describe, load_data, state_layout
 from lmstack.sample import continue_text, encode_prompt
 from lmstack.sharding import batch_sharding
 from lmstack.step import compile_eval_step, compile_train_step
@@ -72,7 +71,7 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path) -> dict[str, Any]:
     make_model, mcfg, tx, schedule, graphdef, abstract, shardings = state_layout(cfg, data.tokenizer.vocab_size, mesh)
     objective = registry.lookup("objective", cfg.objective.name)(cfg)
     ckpt = Checkpointer(workdir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
-    train_iter = train_iterator(data.train, seq_len=cfg.data.seq_len, batch_size=cfg.train.batch_size, seed=cfg.data.seed)
+    train_iter = objective.train_batches(data)
     if ckpt.latest_step() is not None:
         state = ckpt.restore(None, abstract, train_iter)
         _say(f"resumed from {ckpt.directory} at step {int(state['step'])}")
@@ -83,7 +82,7 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path) -> dict[str, Any]:
     bsh = batch_sharding(mesh)
     step_fn = compile_train_step(graphdef, tx, schedule, objective, cfg.train.microbatches, shardings, bsh)
     eval_fn = compile_eval_step(graphdef, objective, shardings, bsh)
-    val_batches = validation_batches(cfg, data)
+    val_batches = objective.eval_batches(data)
     writer = MetricsWriter(workdir, jsonl=cfg.log.jsonl, tensorboard=cfg.log.tensorboard)
     config_json = cfg.to_dict()
     fpt = mcfg.flops_per_token(cfg.data.seq_len)

@@ -3,10 +3,12 @@
 An objective is a class registered as ``objective.NAME``, built from the whole config. The
 trainer, evaluators and benchmarks use only this interface:
 
-- ``data_mode``: ``"stream"`` (fixed windows over a token stream: causal LM pre-training)
-  or ``"examples"`` (structured examples that ``prepare`` turns into features, packed by
-  ``feature_lengths``: span corruption, SFT, preference pairs).
-- ``prepare(example) -> features``: runs in the data pipeline (examples mode).
+- ``train_batches(data) -> iterator`` and ``eval_batches(data) -> list``: the objective
+  decides what a batch holds. The returned iterator must be a checkpointable grain
+  iterator. :class:`WindowObjective` gives the default for pre-training objectives: random
+  windows over the token stream (see ``lmstack.data.pipeline``); objectives with
+  structured examples (span corruption, SFT, preference pairs) build theirs from the same
+  pipeline pieces (``packed_examples_iterator``).
 - ``loss_fn(model, batch, rng) -> (loss_sum, aux)``: runs inside the compiled step.
   ``loss_sum`` is summed over the batch and ``aux["weight"]`` is what it is a sum over
   (tokens, examples, pairs). Every other entry of ``aux`` is a sum too. The trainer divides
@@ -18,19 +20,42 @@ trainer, evaluators and benchmarks use only this interface:
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import jax
+
+from lmstack.data.pipeline import eval_batches, train_iterator
 
 Aux = dict[str, jax.Array]
 
 
 class Objective(Protocol):
-    data_mode: str
-
     def __init__(self, cfg: Any) -> None: ...
 
+    def train_batches(self, data: Any) -> Iterator[dict]: ...
+
+    def eval_batches(self, data: Any) -> list[dict]: ...
+
     def loss_fn(self, model: Any, batch: dict[str, jax.Array], rng: jax.Array | None) -> tuple[jax.Array, Aux]: ...
+
+
+class WindowObjective:
+    """Batches of ``seq_len + 1``-token windows (``tokens``, ``segment_ids``, ``positions``)
+    over the run's token stream: random windows for training, consecutive ones for eval."""
+
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+
+    def train_batches(self, data: Any) -> Iterator[dict]:
+        c = self.cfg
+        return train_iterator(data.train, seq_len=c.data.seq_len, batch_size=c.train.batch_size, seed=c.data.seed)
+
+    def eval_batches(self, data: Any) -> list[dict]:
+        c = self.cfg
+        if not len(data.val):
+            return []
+        return eval_batches(data.val, seq_len=c.data.seq_len, batch_size=c.eval.batch_size or c.train.batch_size,
+                            max_batches=c.eval.batches)
 
 
 def normalise(aux: dict[str, Any]) -> dict[str, float]:

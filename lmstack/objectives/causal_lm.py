@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lmstack.objectives.base import WindowObjective
 from lmstack.registry import register
 
 
@@ -20,15 +21,10 @@ def token_cross_entropy(logits_btv: jax.Array, targets_bt: jax.Array, mask_bt: j
 
 
 @register("objective.causal_lm")
-class CausalLM:
+class CausalLM(WindowObjective):
     """Batches hold ``tokens``, ``segment_ids`` and ``positions`` of length ``seq_len + 1``;
     the model reads the first ``seq_len`` and predicts the last ``seq_len``. A target in
     another document than its input (or in padding, segment 0) carries no loss."""
-
-    data_mode = "stream"
-
-    def __init__(self, cfg: Any):
-        del cfg
 
     def loss_fn(self, model: Any, batch: dict[str, jax.Array], rng: jax.Array | None):
         tokens, seg, pos = batch["tokens"], batch["segment_ids"], batch["positions"]
