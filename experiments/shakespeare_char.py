@@ -41,6 +41,7 @@ def get_config(arg: str | None = None):
     c.optimizer.weight_decay = 0.1
     c.optimizer.decay_embeddings = True
     c.optimizer.clip_norm = 1.0
+    c.mesh.data = 1  # a one-device baseline: batch 12 does not split over 8 devices
     c.checkpoint.every = 1000
     c.eval.every = 500
     c.eval.batches = 0  # the whole validation split

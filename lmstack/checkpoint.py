@@ -43,7 +43,7 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None or step not in self.manager.all_steps():
             have = ", ".join(map(str, self.all_steps())) or "none"
-            raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory} (have: {have})")
+            raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory} (have: {have}): pass --step with one of those, or leave it out for the latest")
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)

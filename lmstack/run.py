@@ -54,20 +54,30 @@ def check_vocab(cfg: mlc.ConfigDict, tokenizer: Tokenizer, where: Path) -> None:
         )
 
 
-def check_batch(batch_size: int, mesh: Mesh, key: str) -> None:
+def check_batch(batch_size: int, mesh: Mesh, key: str, microbatches: int = 1) -> None:
+    """Each (micro)batch of ``key`` must split evenly over the data-parallel devices."""
     dp = data_parallel_size(mesh)
-    if batch_size % dp:
-        raise MeshError(
-            f"{key}={batch_size} is not divisible by the data-parallel size {dp} "
-            f"(mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}): set {key} to a multiple of {dp} "
-            f"or change --config.mesh"
-        )
+    micro = batch_size // microbatches
+    if micro % dp == 0:
+        return
+    need = dp * microbatches
+    what = f"{key}={batch_size}" if microbatches == 1 else (
+        f"the microbatch size {micro} ({key}={batch_size} / train.microbatches={microbatches})")
+    fix = f"set --config.{key} to a multiple of {need} (e.g. {-(-batch_size // need) * need})"
+    if microbatches > 1:
+        fix += ", lower --config.train.microbatches,"
+    raise MeshError(
+        f"{what} is not divisible by the data-parallel size {dp} "
+        f"(mesh.data={mesh.shape['data']} x mesh.fsdp={mesh.shape['fsdp']}): {fix} "
+        f"or change --config.mesh.data / --config.mesh.fsdp"
+    )
 
 
 def build_mesh(cfg: mlc.ConfigDict) -> Mesh:
     mesh = make_mesh(cfg.mesh)
-    check_batch(cfg.train.batch_size // cfg.train.microbatches, mesh, "train.batch_size / train.microbatches")
-    check_batch(cfg.eval.batch_size or cfg.train.batch_size, mesh, "eval.batch_size")
+    check_batch(cfg.train.batch_size, mesh, "train.batch_size", cfg.train.microbatches)
+    if cfg.eval.batch_size:  # 0 takes train.batch_size, checked above
+        check_batch(cfg.eval.batch_size, mesh, "eval.batch_size")
     return mesh
 
 

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from lmstack.config import load_saved_config
+from lmstack.config import ConfigError, load_saved_config
 from lmstack.data.tokenizers import Tokenizer, load_tokenizer
 from lmstack.generate import generate
 from lmstack.run import restore_checkpoint
@@ -42,7 +42,8 @@ def sample_workdir(workdir: str | Path, prompt: str, *, step: int | None = None,
     tokenizer = load_tokenizer(workdir / "tokenizer")
     ids = encode_prompt(tokenizer, prompt)
     if not ids:
-        raise ValueError("--prompt is empty and the tokenizer has no bos token to start from: pass a prompt")
+        raise ConfigError(f"--prompt is empty and the tokenizer of {str(workdir)!r} has no bos token to start from: "
+                          "pass --prompt TEXT")
     graphdef, state, _ = restore_checkpoint(cfg, workdir, step, make_mesh({"data": 1, "fsdp": 1, "tensor": 1}))
     model = nnx.merge(graphdef, state["params"], state["frozen"])
     return continue_text(model, tokenizer, ids, **sampling)

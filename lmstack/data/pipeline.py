@@ -102,7 +102,7 @@ def split_stream(
         raise DataError(
             f"data.val_fraction: {val_fraction} is outside [0, 1): pass e.g. --config.data.val_fraction=0.1"
         )
-    cut = len(stream) - int(round(len(stream) * val_fraction))
+    cut = int(len(stream) * (1 - val_fraction))  # as nanoGPT: train = data[:int(n * 0.9)]
     starts = stream.doc_starts
     train = TokenStream(stream.tokens[:cut], starts[starts < cut], "train")
     val_starts = starts[starts > cut] - cut

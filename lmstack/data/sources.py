@@ -113,7 +113,7 @@ def _jsonl_field(line: str, field: str, where: str) -> str:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
-        raise DataError(f"data.jsonl: {where}: not valid JSON ({e}): fix or delete that line") from None
+        raise DataError(f"data.jsonl: {where}: not valid JSON ({e.msg} at column {e.colno}): fix or delete that line") from None
     if not isinstance(record, dict):
         raise DataError(
             f"data.jsonl: {where}: expected a JSON object, got {type(record).__name__}: "

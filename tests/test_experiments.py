@@ -1,0 +1,88 @@
+"""Every experiment in experiments/ builds (full and smoke) and smoke-trains end to end."""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from lmstack.checkpoint import Checkpointer
+from lmstack.config import load_config
+from lmstack.metrics_log import read_metrics
+from lmstack.run import load_data
+from lmstack.train import train
+from tests.helpers import corpus_text
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+NAMES = sorted(p.stem for p in EXPERIMENTS.glob("*.py") if not p.name.startswith("_"))
+
+
+def test_there_are_experiments():
+    assert {"quickstart", "shakespeare_char"} <= set(NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_builds(name):
+    doc = ast.get_docstring(ast.parse((EXPERIMENTS / f"{name}.py").read_text()))
+    assert doc and doc.splitlines()[0].strip()  # `lmstack list` has a description to show
+    full = load_config(name)  # get_config(None), validated
+    smoke = load_config(f"{name}:smoke=True")
+    assert full.name == smoke.name == name and smoke.arg == "smoke=True"
+    assert smoke.train.steps < full.train.steps
+    assert load_config(f"{name}:smoke=False").to_dict() == {**full.to_dict(), "arg": "smoke=False"}
+
+
+def _data_path(cfg, tmp: Path) -> str:
+    """A small generated corpus for sources that read files (the real data is not needed to smoke-run)."""
+    text = corpus_text(20_000)
+    if cfg.data.source == "jsonl":
+        path = tmp / "corpus.jsonl"
+        path.write_text("".join(json.dumps({cfg.data.field: line}) + "\n" for line in text.splitlines()))
+    else:
+        path = tmp / "corpus.txt"
+        path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_smoke_run(name, tmp_path):
+    cfg = load_config(f"{name}:smoke=True", ["--config.train.progress=false"])
+    if cfg.data.source in ("text", "jsonl") and not cfg.data.path:
+        cfg.data.path = _data_path(cfg, tmp_path)
+    workdir = tmp_path / "run"
+    summary = train(cfg, workdir)
+
+    steps = cfg.train.steps
+    assert summary["start_step"] == 0 and summary["step"] == steps
+    assert math.isfinite(summary["eval"]["loss"])
+    assert summary["eval"]["perplexity"] == pytest.approx(math.exp(summary["eval"]["loss"]), rel=1e-6)
+    assert isinstance(summary["sample"], str) and summary["sample"]
+    ckpt = Checkpointer(workdir)
+    try:
+        assert ckpt.latest_step() == steps
+    finally:
+        ckpt.close()
+    records = read_metrics(workdir)
+    losses = {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+    vocab = json.loads((workdir / "config.json").read_text())["model"]["vocab_size"]
+    assert vocab > 0
+    # A freshly initialised model predicts nearly uniformly, and a few steps lower the loss.
+    assert abs(losses[1] - math.log(vocab)) < 0.3, (losses[1], math.log(vocab))
+    assert losses[steps] < losses[1]
+
+
+@pytest.mark.shared_data
+def test_shakespeare_char_data(shared_data, tmp_path):
+    path = shared_data / "tinyshakespeare" / "input.txt"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent")
+    cfg = load_config("shakespeare_char", [f"--config.data.path={path}"])
+    data = load_data(cfg, tmp_path)
+    assert data.tokenizer.kind == "char" and data.tokenizer.vocab_size == 65
+    assert len(data.train) + len(data.val) == 1_115_394
+    assert len(data.train) == 1_003_854  # nanoGPT's 90/10 split of the characters
+    assert len(data.val) == 111_540
+    assert "".join(data.tokenizer.decode(data.train.tokens[:14])) == "First Citizen:"
