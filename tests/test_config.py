@@ -9,7 +9,6 @@ import pytest
 
 from lmstack.config import (
     ConfigError,
-    apply_overrides,
     check_resume,
     experiment_dirs,
     flat_items,
