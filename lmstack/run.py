@@ -14,6 +14,7 @@ import jax
 import ml_collections as mlc
 from jax.sharding import Mesh
 
+from lmstack import registry
 from lmstack.config import ConfigError
 from lmstack.data.pipeline import TokenStream, split_stream, tokenize_documents
 from lmstack.data.sources import load_documents
@@ -31,7 +32,10 @@ class RunData:
 
 
 def load_data(cfg: mlc.ConfigDict, workdir: Path) -> RunData:
-    """Documents -> tokenizer (the workdir's own if it has one) -> token stream -> split."""
+    """Documents -> tokenizer (the workdir's own if it has one) -> token stream -> split.
+
+    Also resolves ``model.vocab_size`` (0: the tokenizer's size plus the ids the objective
+    reserves at the top, e.g. span-corruption sentinels)."""
     documents = load_documents(cfg.data)
     tok_dir = workdir / "tokenizer"
     if (tok_dir / "tokenizer.json").is_file():
@@ -39,19 +43,24 @@ def load_data(cfg: mlc.ConfigDict, workdir: Path) -> RunData:
     else:
         tokenizer = build_tokenizer(cfg.data, documents)
         save_tokenizer(tokenizer, tok_dir)
-    check_vocab(cfg, tokenizer, tok_dir)
+    resolve_vocab(cfg, tokenizer, tok_dir)
     train, val = split_stream(tokenize_documents(documents, tokenizer), cfg.data.val_fraction, seq_len=cfg.data.seq_len)
     return RunData(tokenizer, train, val)
 
 
-def check_vocab(cfg: mlc.ConfigDict, tokenizer: Tokenizer, where: Path) -> None:
-    """The model's vocabulary must cover every id the tokenizer can produce."""
+def resolve_vocab(cfg: mlc.ConfigDict, tokenizer: Tokenizer, where: Path) -> None:
+    """The model's vocabulary must cover every id the tokenizer and the objective use."""
+    extra = registry.lookup("objective", cfg.objective.name).extra_tokens(cfg)
+    needed = tokenizer.vocab_size + extra
     v = cfg.model.vocab_size
-    if v and v < tokenizer.vocab_size:
+    if v and v < needed:
+        reserved = f" + {extra} reserved by objective {cfg.objective.name}" if extra else ""
         raise ConfigError(
-            f"model.vocab_size={v} is smaller than the tokenizer's {tokenizer.vocab_size} tokens ({where}): "
+            f"model.vocab_size={v} is smaller than the tokenizer's {tokenizer.vocab_size} tokens{reserved} ({where}): "
             f"set --config.model.vocab_size=0 to take the tokenizer's size, or use a matching tokenizer"
         )
+    with cfg.unlocked():
+        cfg.model.vocab_size = v or needed
 
 
 def check_batch(batch_size: int, mesh: Mesh, key: str, microbatches: int = 1) -> None:

@@ -63,12 +63,10 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = build_mesh(cfg)
     data = load_data(cfg, workdir)
-    with cfg.unlocked():
-        cfg.model.vocab_size = cfg.model.vocab_size or data.tokenizer.vocab_size
     check_resume(cfg, workdir)
     save_config(cfg, workdir)
 
-    make_model, mcfg, tx, schedule, graphdef, abstract, shardings = state_layout(cfg, data.tokenizer.vocab_size, mesh)
+    make_model, mcfg, tx, schedule, graphdef, abstract, shardings = state_layout(cfg, cfg.model.vocab_size, mesh)
     objective = registry.lookup("objective", cfg.objective.name)(cfg)
     ckpt = Checkpointer(workdir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     train_iter = objective.train_batches(data)

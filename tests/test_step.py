@@ -3,8 +3,10 @@
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from lmstack import registry
+from lmstack.models.decoder import Decoder, DecoderConfig
 from lmstack.optim import make_optimizer
 from lmstack.sharding import batch_sharding, make_mesh
 from lmstack.step import compile_train_step
@@ -66,3 +68,37 @@ def test_sharding_parity(batches):
         assert q.addressable_shards[0].data.shape == (2, 64 // fsdp, 8 // tensor, 8)
         embed = params["embed"][...]  # (vocab, embed)
         assert embed.addressable_shards[0].data.shape == (256 // tensor, 64 // fsdp)
+
+
+class FrozenWeight(nnx.Variable):
+    """A variable the trainer must carry but never update (like a DPO reference policy)."""
+
+
+class WithFrozenPart(nnx.Module):
+    def __init__(self, cfg, *, rngs):
+        self.cfg = cfg
+        self.policy = Decoder(cfg, rngs=rngs)
+        ref = Decoder(cfg, rngs=nnx.Rngs(params=123))
+        self.reference_embed = FrozenWeight(ref.embed[...], out_sharding=("vocab", "embed"))
+
+    def __call__(self, tokens, **kw):
+        # the frozen weights shift the logits, so the loss depends on them
+        return self.policy(tokens, **kw) + 0.1 * (tokens[..., None] == 0) * self.reference_embed[...][:, 0]
+
+
+def test_non_param_variables_are_carried_not_trained(batches):
+    cfg = tiny_config()
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    mcfg = DecoderConfig.from_config(cfg.model, vocab_size=256, max_seq_len=16)
+    tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
+    graphdef, state, shardings = init_state(lambda: WithFrozenPart(mcfg, rngs=nnx.Rngs(params=0)), tx, mesh)
+    frozen_before = np.asarray(state["frozen"]["reference_embed"][...])
+    params_before = np.asarray(state["params"]["policy"]["embed"][...])
+    objective = registry.lookup("objective", "causal_lm")(cfg)
+    step = compile_train_step(graphdef, tx, schedule, objective, 1, shardings, batch_sharding(mesh))
+    with jax.set_mesh(mesh):
+        for i, b in enumerate(batches):
+            state, _ = step(state, jax.device_put(b, batch_sharding(mesh)), jax.random.key(i))
+    assert state["frozen"]["reference_embed"][...].sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+    np.testing.assert_array_equal(np.asarray(state["frozen"]["reference_embed"][...]), frozen_before)
+    assert not np.allclose(np.asarray(state["params"]["policy"]["embed"][...]), params_before)

@@ -14,8 +14,15 @@ trainer, evaluators and benchmarks use only this interface:
   (tokens, examples, pairs). Every other entry of ``aux`` is a sum too. The trainer divides
   by the total weight after summing over microbatches, so gradient accumulation gives
   exactly the full-batch update; evaluators sum over batches the same way.
-- ``frozen_models()``: extra models the loss needs but never trains (a DPO reference
-  policy, a reward model); the trainer keeps them out of the gradient. Default: none.
+- ``extra_tokens(cfg)`` (classmethod): how many ids the objective reserves above the
+  tokenizer's vocabulary (sentinels, mask and mode tokens); they are the top ids of
+  ``model.vocab_size``. Default: none.
+
+Frozen extra models (a DPO reference policy, a reward model) are part of the model the
+objective is given: a wrapper model whose frozen parts hold variables that are not
+``nnx.Param``. The trainer differentiates and updates ``nnx.Param`` only; every other
+variable is carried in ``state["frozen"]``, sharded by its logical names and checkpointed,
+never differentiated.
 """
 
 from __future__ import annotations
@@ -32,6 +39,9 @@ Aux = dict[str, jax.Array]
 class Objective(Protocol):
     def __init__(self, cfg: Any) -> None: ...
 
+    @classmethod
+    def extra_tokens(cls, cfg: Any) -> int: ...
+
     def train_batches(self, data: Any) -> Iterator[dict]: ...
 
     def eval_batches(self, data: Any) -> list[dict]: ...
@@ -45,6 +55,10 @@ class WindowObjective:
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
+
+    @classmethod
+    def extra_tokens(cls, cfg: Any) -> int:
+        return 0
 
     def train_batches(self, data: Any) -> Iterator[dict]:
         c = self.cfg
