@@ -15,9 +15,10 @@ from typing import Sequence
 def _user_errors() -> tuple[type[BaseException], ...]:
     from lmstack.config import ConfigError
     from lmstack.data.sources import DataError
+    from lmstack.registry import UnknownNameError
     from lmstack.sharding import MeshError
 
-    return (ConfigError, DataError, MeshError, FileNotFoundError)
+    return (ConfigError, DataError, MeshError, UnknownNameError, FileNotFoundError)
 
 
 def _parser() -> argparse.ArgumentParser:

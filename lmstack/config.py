@@ -25,9 +25,8 @@ from lmstack.configs.base import base_config
 
 # Keys that do not change a run's results, so they may differ when resuming. name and arg
 # are labels: the values they select are compared key by key.
-RESUME_SAFE_KEYS = ("name", "arg", "train.progress", "train.log_every", "eval.every", "eval.batches",
-                    "eval.batch_size", "checkpoint.keep", "checkpoint.async_save")
-RESUME_SAFE_PREFIXES = ("sample.", "log.")
+RESUME_SAFE_KEYS = ("name", "arg", "train.progress", "train.log_every", "checkpoint.keep", "checkpoint.async_save")
+RESUME_SAFE_PREFIXES = ("sample.", "log.", "eval.")
 _CHOICES = {
     "model.style": ("llama", "gpt2"),
     "model.dtype": ("float32", "bfloat16"),

@@ -8,8 +8,10 @@ from typing import Any
 
 import jax
 import ml_collections as mlc
+from flax import nnx
 
 from lmstack import registry
+from lmstack.evals.base import EvalContext, run_evaluators
 from lmstack.run import build_mesh, load_data, restore_checkpoint
 from lmstack.sharding import batch_sharding
 from lmstack.step import compile_eval_step
@@ -26,8 +28,12 @@ def evaluate(cfg: mlc.ConfigDict, workdir: str | Path, step: int | None = None) 
     bsh = batch_sharding(mesh)
     eval_fn = compile_eval_step(graphdef, objective, shardings, bsh)
     with jax.set_mesh(mesh):
-        sums = lambda b: eval_fn(state, jax.device_put(b, bsh))  # noqa: E731
-        results = dict(registry.lookup("eval", "perplexity")(sums, objective.eval_batches(data)))
+        ctx = EvalContext(
+            cfg=cfg, data=data, objective=objective, batches=objective.eval_batches(data),
+            loss_sums=lambda b: eval_fn(state, jax.device_put(b, bsh)),
+            model=lambda: nnx.merge(graphdef, state["params"], state["frozen"]),
+        )
+        results = run_evaluators(ctx)
     out = {"step": int(state["step"]), **results}
     (workdir / "eval").mkdir(exist_ok=True)
     (workdir / "eval" / f"step_{out['step']}.json").write_text(json.dumps(out, indent=1))

@@ -14,6 +14,10 @@ from typing import Any, Callable, TypeVar
 
 T = TypeVar("T")
 
+
+class UnknownNameError(ValueError):
+    """A config names a plug-in that is not registered."""
+
 _ENTRIES: dict[str, Any] = {}
 _BUILTIN_PACKAGES = ("lmstack.models", "lmstack.objectives", "lmstack.evals", "lmstack.data")
 
@@ -53,4 +57,7 @@ def lookup(kind: str, name: str) -> Any:
     choices = names(kind)
     close = difflib.get_close_matches(name, choices, n=3)
     hint = f"did you mean {', '.join(close)}? " if close else ""
-    raise KeyError(f"unknown {kind} {name!r}: {hint}registered {kind}s are {', '.join(choices) or 'none'}")
+    raise UnknownNameError(
+        f"unknown {kind} {name!r}: {hint}registered {kind}s are {', '.join(choices) or 'none'} "
+        f"(set it with --config.{kind}.name, or eval.names for evaluators)"
+    )

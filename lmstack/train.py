@@ -24,6 +24,7 @@ from tqdm import tqdm
 from lmstack import registry
 from lmstack.checkpoint import Checkpointer
 from lmstack.config import check_resume, save_config
+from lmstack.evals.base import EvalContext, run_evaluators
 from lmstack.metrics_log import MetricsWriter
 from lmstack.perf import mfu
 from lmstack.run import build_mesh, describe, load_data, state_layout
@@ -89,8 +90,12 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path) -> dict[str, Any]:
 
     def run_eval(step: int) -> dict[str, float]:
         with jax.set_mesh(mesh):
-            sums = lambda b: eval_fn(state, jax.device_put(b, bsh))  # noqa: E731
-            results = dict(registry.lookup("eval", "perplexity")(sums, val_batches))
+            ctx = EvalContext(
+                cfg=cfg, data=data, objective=objective, batches=val_batches,
+                loss_sums=lambda b: eval_fn(state, jax.device_put(b, bsh)),
+                model=lambda: nnx.merge(graphdef, state["params"], state["frozen"]),
+            )
+            results = run_evaluators(ctx)
         if results:
             writer.write(step, results, prefix="eval")
             _say(f"step {step}: " + "  ".join(f"eval/{k} {v:.4f}" for k, v in results.items()))

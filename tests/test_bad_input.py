@@ -186,3 +186,11 @@ def test_sample_bad_input(capsys, trained, tmp_path):
     missing = tmp_path / "not-a-run"
     msg = error_of(capsys, ["sample", "--workdir", str(missing), "--prompt", "ROMEO:"])
     assert msg == f"no config.json in {str(missing)!r}: is this a workdir written by `lmstack train`?"
+
+
+def test_unknown_plugin_name_is_one_line(capsys, tmp_path):
+    code = main(["train", "quickstart:smoke=True", "--workdir", str(tmp_path / "w"),
+                 "--config.objective.name=causal_llm", "--config.train.progress=false"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "unknown objective 'causal_llm'" in err[0] and "did you mean causal_lm" in err[0]

@@ -92,6 +92,7 @@ def base_config() -> mlc.ConfigDict:
             every=500,  # 0: only at the end
             batches=20,  # validation batches per evaluation (0: the whole split)
             batch_size=0,  # 0: train.batch_size
+            names=("perplexity",),  # registered evaluators to run (eval.NAME)
         )
     )
     c.sample = mlc.ConfigDict(

@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Iterator
+from typing import Iterator
 
 import numpy as np
 
+from lmstack.evals.base import EvalContext
 from lmstack.registry import register
 
 
 @register("eval.perplexity")
-def perplexity(loss_sums: Callable[[Any], dict[str, Any]], batches: Iterable[Any]) -> Iterator[tuple[str, float]]:
+def perplexity(ctx: EvalContext) -> Iterator[tuple[str, float]]:
     """Yields ``loss`` (per weighted unit, e.g. per token), ``perplexity`` and every other
-    summed metric of the objective divided by the total weight."""
+    summed metric of the objective divided by the total weight, over the held-out batches."""
     totals: dict[str, float] = {}
-    for batch in batches:
-        for k, v in loss_sums(batch).items():
+    for batch in ctx.batches:
+        for k, v in ctx.loss_sums(batch).items():
             totals[k] = totals.get(k, 0.0) + float(np.asarray(v))
     weight = totals.pop("weight", 0.0)
     if not weight:
