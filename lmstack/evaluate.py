@@ -24,7 +24,7 @@ def evaluate(cfg: mlc.ConfigDict, workdir: str | Path, step: int | None = None) 
     mesh = build_mesh(cfg)
     data = load_data(cfg, workdir)
     graphdef, state, shardings = restore_checkpoint(cfg, workdir, step, mesh)
-    objective = registry.lookup("objective", cfg.objective.name)(cfg)
+    objective = registry.lookup("objective", cfg.objective.name, "objective.name")(cfg)
     bsh = batch_sharding(mesh)
     eval_fn = compile_eval_step(graphdef, objective, shardings, bsh)
     with jax.set_mesh(mesh):

@@ -48,8 +48,9 @@ def names(kind: str) -> list[str]:
     return sorted(n[len(prefix):] for n in _ENTRIES if n.startswith(prefix))
 
 
-def lookup(kind: str, name: str) -> Any:
-    """The object registered as ``kind.name``; a clear error names the closest choices."""
+def lookup(kind: str, name: str, key: str | None = None) -> Any:
+    """The object registered as ``kind.name``; a clear error names the closest choices and,
+    given ``key``, the config key that chose it."""
     _import_builtins()
     key = f"{kind}.{name}"
     if key in _ENTRIES:
@@ -57,7 +58,5 @@ def lookup(kind: str, name: str) -> Any:
     choices = names(kind)
     close = difflib.get_close_matches(name, choices, n=3)
     hint = f"did you mean {', '.join(close)}? " if close else ""
-    raise UnknownNameError(
-        f"unknown {kind} {name!r}: {hint}registered {kind}s are {', '.join(choices) or 'none'} "
-        f"(set it with --config.{kind}.name, or eval.names for evaluators)"
-    )
+    where = f"{key}: " if key else ""
+    raise UnknownNameError(f"{where}unknown {kind} {name!r}: {hint}registered: {', '.join(choices) or 'none'}")

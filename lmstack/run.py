@@ -50,7 +50,7 @@ def load_data(cfg: mlc.ConfigDict, workdir: Path) -> RunData:
 
 def resolve_vocab(cfg: mlc.ConfigDict, tokenizer: Tokenizer, where: Path) -> None:
     """The model's vocabulary must cover every id the tokenizer and the objective use."""
-    extra = registry.lookup("objective", cfg.objective.name).extra_tokens(cfg)
+    extra = registry.lookup("objective", cfg.objective.name, "objective.name").extra_tokens(cfg)
     needed = tokenizer.vocab_size + extra
     v = cfg.model.vocab_size
     if v and v < needed:

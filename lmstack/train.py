@@ -68,7 +68,7 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path) -> dict[str, Any]:
     save_config(cfg, workdir)
 
     make_model, mcfg, tx, schedule, graphdef, abstract, shardings = state_layout(cfg, cfg.model.vocab_size, mesh)
-    objective = registry.lookup("objective", cfg.objective.name)(cfg)
+    objective = registry.lookup("objective", cfg.objective.name, "objective.name")(cfg)
     ckpt = Checkpointer(workdir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     train_iter = objective.train_batches(data)
     if ckpt.latest_step() is not None:

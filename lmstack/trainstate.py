@@ -21,7 +21,7 @@ from lmstack.step import TrainState
 
 def model_factory(cfg: Any, vocab_size: int) -> tuple[Callable[[], nnx.Module], Any]:
     """A zero-argument constructor of the configured model, and its resolved model config."""
-    model_cls = registry.lookup("model", cfg.model.name)
+    model_cls = registry.lookup("model", cfg.model.name, "model.name")
     mcfg = model_cls.config_class.from_config(cfg.model, vocab_size=vocab_size, max_seq_len=cfg.data.seq_len)
     seed = cfg.train.seed
     return (lambda: model_cls(mcfg, rngs=nnx.Rngs(params=seed))), mcfg

@@ -15,7 +15,7 @@ from typing import Callable
 
 import ml_collections as mlc
 
-from lmstack.registry import lookup, register
+from lmstack.registry import UnknownNameError, lookup, register
 
 # Test suites, the IDE and third-party code are not "the standard library" as a corpus.
 _STDLIB_EXCLUDED_DIRS = frozenset(
@@ -36,10 +36,8 @@ def load_documents(data_cfg: mlc.ConfigDict) -> list[str]:
         )
     try:
         source: Callable[[mlc.ConfigDict], list[str]] = lookup("data", data_cfg.source)
-    except KeyError as e:
-        raise DataError(
-            f"data.source: {e.args[0]}: pass --config.data.source=NAME"
-        ) from None
+    except UnknownNameError as e:
+        raise DataError(f"data.source: {e}: pass --config.data.source=NAME") from None
     documents = source(data_cfg)
     if not documents:
         raise DataError(
@@ -59,23 +57,29 @@ def cut_to_chars(documents: list[str], max_chars: int) -> list[str]:
     return out
 
 
+def stdlib_sources() -> list[tuple[str, str]]:
+    """(relative path, source text) of the standard library's .py files, sorted by path."""
+    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    paths = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in _STDLIB_EXCLUDED_DIRS]
+        paths += [pathlib.Path(dirpath, f) for f in filenames if f.endswith(".py")]
+    sources = []
+    for path in sorted(paths, key=lambda p: p.relative_to(root).as_posix()):
+        try:
+            sources.append((path.relative_to(root).as_posix(), path.read_text(encoding="utf-8")))
+        except UnicodeDecodeError:
+            continue  # a few legacy-encoded files; the corpus is UTF-8 by definition
+    return sources
+
+
 @register("data.stdlib")
 def stdlib_documents(data_cfg: mlc.ConfigDict) -> list[str]:
     """The standard library's .py files (sorted by relative path), then the pydoc topics."""
     del data_cfg  # the corpus is whatever ships with this Python
     import pydoc_data.topics
 
-    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
-    paths = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d not in _STDLIB_EXCLUDED_DIRS]
-        paths += [pathlib.Path(dirpath, f) for f in filenames if f.endswith(".py")]
-    documents = []
-    for path in sorted(paths, key=lambda p: p.relative_to(root).as_posix()):
-        try:
-            documents.append(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError:
-            continue  # a few legacy-encoded files; the corpus is UTF-8 by definition
+    documents = [text for _, text in stdlib_sources()]
     topics = pydoc_data.topics.topics
     documents += [topics[key] for key in sorted(topics)]
     return documents

@@ -27,6 +27,6 @@ def run_evaluators(ctx: EvalContext) -> dict[str, float]:
     is the held-out loss (``perplexity``), whose metrics keep their plain names."""
     results: dict[str, float] = {}
     for name in ctx.cfg.eval.names:
-        for metric, value in registry.lookup("eval", name)(ctx):
+        for metric, value in registry.lookup("eval", name, "eval.names")(ctx):
             results[metric if name == "perplexity" else f"{name}/{metric}"] = float(value)
     return results

@@ -147,7 +147,7 @@ def test_jsonl_non_string_and_non_object(tmp_path):
 def test_unknown_source_and_negative_max_chars():
     with pytest.raises(DataError) as e:
         load_documents(data_cfg(source="textt"))
-    assert str(e.value).startswith("data.source: unknown data 'textt': did you mean text?")
+    assert str(e.value).startswith("data.source: unknown data 'textt': did you mean text? registered: ")
     assert str(e.value).endswith("pass --config.data.source=NAME")
     with pytest.raises(DataError, match=r"^data\.max_chars: -1 is negative: pass 0"):
         load_documents(data_cfg(source="stdlib", max_chars=-1))
