@@ -52,9 +52,9 @@ def lookup(kind: str, name: str, key: str | None = None) -> Any:
     """The object registered as ``kind.name``; a clear error names the closest choices and,
     given ``key``, the config key that chose it."""
     _import_builtins()
-    key = f"{kind}.{name}"
-    if key in _ENTRIES:
-        return _ENTRIES[key]
+    entry = f"{kind}.{name}"
+    if entry in _ENTRIES:
+        return _ENTRIES[entry]
     choices = names(kind)
     close = difflib.get_close_matches(name, choices, n=3)
     hint = f"did you mean {', '.join(close)}? " if close else ""
