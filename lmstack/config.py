@@ -33,7 +33,6 @@ _CHOICES = {
     "model.remat": ("none", "full", "dots"),
     "optimizer.schedule": ("cosine", "linear", "constant"),
     "data.tokenizer.kind": ("sentencepiece", "byte", "char"),
-    "data.source": ("stdlib", "text", "jsonl"),  # later: the registry's data sources
 }
 _POSITIVE = ("train.steps", "train.batch_size", "train.microbatches", "data.seq_len",
              "model.d_model", "model.n_layers", "model.n_heads", "model.scan_unroll")

@@ -206,7 +206,6 @@ def test_override_malformed_or_section(exp_dir: Path) -> None:
         (["model.remat=some"], "model.remat is 'some'"),
         (["optimizer.schedule=cos"], "optimizer.schedule is 'cos': must be one of cosine, linear, constant"),
         (["data.tokenizer.kind=bpe"], "data.tokenizer.kind is 'bpe'"),
-        (["data.source=web"], "data.source is 'web': must be one of stdlib, text, jsonl"),
         (["train.steps=0"], "train.steps is 0: must be a positive int"),
         (["model.n_layers=-2"], "model.n_layers is -2: must be a positive int"),
         (["train.batch_size=30", "train.microbatches=4"],

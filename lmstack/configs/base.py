@@ -44,6 +44,9 @@ def base_config() -> mlc.ConfigDict:
             source="stdlib",  # stdlib | text | jsonl
             path="",  # file, directory or glob for text/jsonl sources
             field="text",  # JSONL field holding the text
+            query_field="query",  # pairs_jsonl: the query, the document and (optional) group fields
+            doc_field="document",
+            group_field="",
             max_chars=0,  # 0: no limit; otherwise cut the corpus to this many characters
             seq_len=128,
             val_fraction=0.1,  # the last fraction of the token stream is held out

@@ -88,7 +88,7 @@ def stdlib_documents(data_cfg: mlc.ConfigDict) -> list[str]:
 @register("data.text")
 def text_documents(data_cfg: mlc.ConfigDict) -> list[str]:
     """Each text file one document: ``data.path`` is a file, a directory of .txt files or a glob."""
-    documents = [_read_utf8(path) for path in _resolve_paths(data_cfg.path, suffix=".txt")]
+    documents = [_read_utf8(path) for path in resolve_paths(data_cfg.path, suffix=".txt")]
     if not any(documents):
         raise DataError(
             f"data.path: {data_cfg.path!r} is empty: point --config.data.path at text with content"
@@ -101,7 +101,7 @@ def jsonl_documents(data_cfg: mlc.ConfigDict) -> list[str]:
     """One document per JSON line, taken from the field ``data.field``; blank lines are skipped."""
     field = data_cfg.field
     documents = []
-    for path in _resolve_paths(data_cfg.path, suffix=".jsonl"):
+    for path in resolve_paths(data_cfg.path, suffix=".jsonl"):
         for lineno, line in enumerate(_read_utf8(path).splitlines(), start=1):
             if line.strip():
                 documents.append(_jsonl_field(line, field, f"{path}:{lineno}"))
@@ -137,7 +137,7 @@ def _jsonl_field(line: str, field: str, where: str) -> str:
     return value
 
 
-def _resolve_paths(path: str, *, suffix: str) -> list[pathlib.Path]:
+def resolve_paths(path: str, *, suffix: str) -> list[pathlib.Path]:
     """The files named by a file path, a directory (every ``*suffix`` below it) or a glob."""
     hint = f"pass --config.data.path=FILE (a {suffix[1:]} file, a directory of {suffix} files, or a glob)"
     if not path:
