@@ -1,1 +1,1 @@
-from lmstack.evals import perplexity  # noqa: F401  (registers eval.perplexity)
+from lmstack.evals import perplexity, retrieval  # noqa: F401  (registers eval.perplexity, eval.retrieval)
