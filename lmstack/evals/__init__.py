@@ -1,1 +1,2 @@
-from lmstack.evals import perplexity, retrieval  # noqa: F401  (registers eval.perplexity, eval.retrieval)
+# registers eval.perplexity, eval.retrieval, eval.linear_probe
+from lmstack.evals import linear_probe, perplexity, retrieval  # noqa: F401
