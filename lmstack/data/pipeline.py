@@ -21,7 +21,7 @@ import pathlib
 import shutil
 import sys
 import tempfile
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import grain
 import numpy as np
@@ -203,6 +203,50 @@ def packed_examples_iterator(
         seed=seed,
     )
     return iter(packed.batch(batch_size, drop_remainder=True))
+
+
+Transform = Callable[[np.ndarray, np.random.Generator], Mapping[str, np.ndarray]]
+
+
+def transformed_windows_iterator(
+    stream: TokenStream, *, window_length: int, batch_size: int, seed: int, transform: Transform
+) -> grain.DatasetIterator:
+    """An endless grain iterator like :func:`train_iterator`, but each window of
+    ``window_length`` tokens goes through ``transform(tokens, rng)`` (a noising function:
+    span corruption, masking, ...) and the batch stacks its fixed-length outputs. The rng
+    of window ``g`` is seeded by ``(seed, g)``: batches are deterministic and resumable."""
+    _check_positive(**{"window length": window_length, "train.batch_size": batch_size})
+    _check_stream(stream, window_length - 1)
+    windows = _RandomWindows(stream, window_length - 1, batch_size, seed)
+
+    def make(batch_index: int) -> Batch:
+        tokens = windows(batch_index)["tokens"]
+        first = batch_index * batch_size
+        rows = [transform(t, np.random.default_rng([seed, first + r])) for r, t in enumerate(tokens)]
+        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+    ds = grain.MapDataset.range(sys.maxsize).map(make)
+    return iter(ds.to_iter_dataset(_READ_OPTIONS))
+
+
+def transformed_eval_batches(
+    stream: TokenStream, *, window_length: int, batch_size: int, max_batches: int, seed: int, transform: Transform
+) -> list[Batch]:
+    """Consecutive non-overlapping windows from the start of ``stream``, each transformed
+    with an rng seeded by ``(seed, window index)``; only whole batches (at most ``max_batches``,
+    0: all that fit)."""
+    _check_stream(stream, window_length - 1)
+    n = len(stream) // window_length
+    n_batches = n // batch_size if not max_batches else min(max_batches, n // batch_size)
+    batches = []
+    for b in range(max(n_batches, 1)):
+        rows = []
+        for r in range(batch_size):
+            g = (b * batch_size + r) % n
+            rows.append(transform(stream.tokens[g * window_length:(g + 1) * window_length],
+                                  np.random.default_rng([seed, g])))
+        batches.append({k: np.stack([row[k] for row in rows]) for k in rows[0]})
+    return batches
 
 
 class _RandomWindows:

@@ -280,3 +280,42 @@ def test_packed_examples_shuffle_by_seed():
 
     np.testing.assert_array_equal(first(0), first(0))
     assert not np.array_equal(first(0), first(1))
+
+
+def _reverse_and_noise(tokens, rng):
+    """A stand-in noising transform: output depends on the window and on the rng."""
+    return {"inputs": tokens[::-1].copy(), "noise": rng.integers(0, 1000, size=3)}
+
+
+def test_transformed_windows_are_deterministic_and_resumable():
+    stream = stream_of([40, 70, 30])
+    make = lambda seed: pipeline.transformed_windows_iterator(  # noqa: E731
+        stream, window_length=9, batch_size=4, seed=seed, transform=_reverse_and_noise)
+    it = make(0)
+    first = [next(it) for _ in range(3)]
+    for b in first:
+        assert b["inputs"].shape == (4, 9) and b["noise"].shape == (4, 3)
+        for row in b["inputs"][:, ::-1]:  # every row is a slice of the stream
+            starts = [s for s in range(len(stream) - 8) if np.array_equal(stream.tokens[s:s + 9], row)]
+            assert starts
+    state = it.get_state()
+    later = next(it)
+    again = make(0)
+    again.set_state(state)
+    np.testing.assert_array_equal(next(again)["noise"], later["noise"])
+    other = next(make(1))
+    assert not np.array_equal(other["noise"], first[0]["noise"])
+    np.testing.assert_array_equal(next(make(0))["noise"], first[0]["noise"])
+
+
+def test_transformed_eval_batches_are_consecutive_windows():
+    stream = stream_of([50, 50])
+    batches = pipeline.transformed_eval_batches(stream, window_length=10, batch_size=3, max_batches=0, seed=0,
+                                                transform=_reverse_and_noise)
+    assert len(batches) == 3  # 10 windows -> 3 whole batches of 3
+    rows = np.concatenate([b["inputs"][:, ::-1] for b in batches])
+    np.testing.assert_array_equal(rows, stream.tokens[:90].reshape(9, 10))
+    again = pipeline.transformed_eval_batches(stream, window_length=10, batch_size=3, max_batches=2, seed=0,
+                                              transform=_reverse_and_noise)
+    assert len(again) == 2
+    np.testing.assert_array_equal(again[1]["noise"], batches[1]["noise"])
