@@ -154,15 +154,19 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path) -> dict[str, Any]:
         tokens_per_sec=tokens_per_step / statistics.median(step_times) if step_times else None,
         eval=eval_results,
     )
-    summary["sample"] = sample_text(cfg, state, graphdef, data)
     if eval_results:
         _say(f"held-out perplexity {eval_results['perplexity']:.3f} (loss {eval_results['loss']:.4f}) at step {step}")
-    _say("sample: " + summary["sample"])
+    summary["sample"] = sample_text(cfg, state, graphdef, data)
+    if summary["sample"] is not None:
+        _say("sample: " + summary["sample"])
     return summary
 
 
-def sample_text(cfg: mlc.ConfigDict, state: dict, graphdef: Any, data: Any) -> str:
-    """A continuation of ``sample.prompt`` (default: the start of the validation text)."""
+def sample_text(cfg: mlc.ConfigDict, state: dict, graphdef: Any, data: Any) -> str | None:
+    """A continuation of ``sample.prompt`` (default: the start of the validation text), for
+    models that generate with a KV cache (decoders); None for the others."""
+    if not hasattr(registry.lookup("model", cfg.model.name), "init_cache"):
+        return None
     tok = data.tokenizer
     source = data.val if len(data.val) else data.train
     ids = encode_prompt(tok, cfg.sample.prompt) if cfg.sample.prompt else [int(t) for t in source.tokens[:16]]

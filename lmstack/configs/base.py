@@ -37,6 +37,26 @@ def base_config() -> mlc.ConfigDict:
             # Layers per iteration of the layer scan: 1 keeps compile time flat in depth;
             # n_layers unrolls fully, which XLA:CPU runs ~2x faster in the backward pass.
             scan_unroll=1,
+            # --- encoder, encoder_decoder and two_tower (the decoder ignores these keys) ---
+            # "": from the family/style (encoder: llama -> rope, gpt2 -> learned; encoder_decoder:
+            # relative) | learned | rope | relative (T5 buckets; encoder_decoder: relative | rope)
+            positions="",
+            norm="",  # "": from style (llama -> rmsnorm, gpt2 -> layernorm) | rmsnorm | layernorm
+            norm_position="pre",  # pre | post (BERT; encoder and two_tower only)
+            activation="",  # "": from style (llama -> swiglu, gpt2 -> gelu) | swiglu | geglu | gelu | relu
+            relpos_buckets=32,  # T5 relative position buckets (positions=relative)
+            relpos_max_distance=128,  # distances beyond this share the last bucket
+            type_vocab_size=0,  # token-type embeddings (BERT: 2); 0: none
+            mlm_transform=False,  # BERT MLM head: dense + GELU + norm before the tied output
+            pooler=False,  # BERT pooler: dense + tanh on the pooled vector
+            pooling="mean",  # how a sequence becomes one vector: mean | cls | last
+            n_encoder_layers=0,  # encoder_decoder: 0 means n_layers
+            n_decoder_layers=0,  # encoder_decoder: 0 means n_layers
+            share_embeddings=True,  # encoder_decoder: one token table for encoder and decoder
+            share_towers=True,  # two_tower: one encoder for both towers (each has its own projection)
+            projection_dim=0,  # two_tower: output width of each tower's projection; 0 means d_model
+            logit_scale_init=2.659260036932778,  # two_tower: log similarity scale for the loss, log(1/0.07) (CLIP)
+            logit_bias_init=-10.0,  # two_tower: similarity bias for the sigmoid loss (SigLIP)
         )
     )
     c.data = mlc.ConfigDict(
@@ -62,7 +82,32 @@ def base_config() -> mlc.ConfigDict:
             ),
         )
     )
-    c.objective = mlc.ConfigDict(dict(name="causal_lm"))
+    c.objective = mlc.ConfigDict(
+        dict(
+            name="causal_lm",  # registry: objective.<name>
+            loss="infonce",  # contrastive: infonce (in-batch softmax) | sigmoid (SigLIP)
+            hard_negatives=0,  # contrastive: extra same-group documents per query
+            # span_corruption / ul2 (T5): sentinels are the top ids of model.vocab_size
+            noise_density=0.15,
+            mean_span_length=3.0,
+            num_sentinels=100,
+            targets_length=0,  # seq2seq decoder length; 0: derived (span_corruption) or data.seq_len
+            # ul2: rates of the R, X (dense), X (long spans) and S denoisers; mode tokens sit below the sentinels
+            mixing_rates=(0.4, 0.2, 0.2, 0.2),
+            # mlm (BERT): the [MASK] id is the top id of model.vocab_size
+            select_rate=0.15,
+            mask_rate=0.8,
+            random_rate=0.1,
+            whole_word=False,
+            # denoising (BART): infilling | permutation | both
+            denoise="both",
+            mask_ratio=0.3,
+            poisson_lambda=3.0,
+            # prefix_lm: the prefix length is uniform in [min, max] x seq_len for training
+            prefix_min=0.1,
+            prefix_max=0.9,
+        )
+    )
     c.optimizer = mlc.ConfigDict(
         dict(
             lr=1e-3,

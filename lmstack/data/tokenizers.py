@@ -325,3 +325,4 @@ def _write_atomic(path: pathlib.Path, data: bytes) -> pathlib.Path:
         os.unlink(tmp)
         raise
     return path
+

@@ -9,6 +9,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+import jax
+from flax import nnx
+
 from lmstack import registry
 
 
@@ -30,3 +33,11 @@ def run_evaluators(ctx: EvalContext) -> dict[str, float]:
         for metric, value in registry.lookup("eval", name, "eval.names")(ctx):
             results[metric if name == "perplexity" else f"{name}/{metric}"] = float(value)
     return results
+
+
+def compiled_method(model: Any, method: str, **kwargs: Any) -> Callable[..., Any]:
+    """``model.method(*args, **kwargs)`` compiled once. The weights are passed in as state
+    (closing over the module would tie its variables to the wrong trace level)."""
+    graphdef, state = nnx.split(model)
+    fn = jax.jit(lambda st, *args: getattr(nnx.merge(graphdef, st), method)(*args, **kwargs))
+    return lambda *args: fn(state, *args)

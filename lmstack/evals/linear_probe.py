@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 from lmstack.data.sources import DataError
-from lmstack.evals.base import EvalContext
+from lmstack.evals.base import EvalContext, compiled_method
 from lmstack.registry import register
 
 DEFAULTS = {"path": "../shared/data/sst2", "train_examples": 4000, "l2": 1e-3, "steps": 200, "batch_size": 64}
@@ -61,7 +61,7 @@ def fit_logistic_regression(x: np.ndarray, y: np.ndarray, n_classes: int, l2: fl
 
 def _features(model: Any, tokenizer: Any, texts: list[str], seq_len: int, batch_size: int) -> np.ndarray:
     head = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
-    embed = jax.jit(lambda t, s: model.embed(t, s))
+    embed = compiled_method(model, "embed")
     out = []
     for i in range(0, len(texts), batch_size):
         chunk = texts[i:i + batch_size]

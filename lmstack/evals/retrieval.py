@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from typing import Iterator
 
-import jax
 import numpy as np
 
-from lmstack.evals.base import EvalContext
+from lmstack.evals.base import EvalContext, compiled_method
 from lmstack.registry import register
 
 
@@ -33,11 +32,11 @@ def retrieval(ctx: EvalContext) -> Iterator[tuple[str, float]]:
     """Embeds the held-out pairs (``a_*`` queries, ``b_*`` documents) with the two-tower
     model and yields recall@1/5/10 and MRR over all of them."""
     model = ctx.model()
-    embed = jax.jit(lambda toks, seg, tower: model.embed(toks, seg, tower=tower), static_argnums=2)
+    embed_a, embed_b = compiled_method(model, "embed", tower="a"), compiled_method(model, "embed", tower="b")
     qs, ds = [], []
     for batch in ctx.batches:
         real = np.asarray(batch["a_segment_ids"]).any(axis=1)  # padding rows are all segment 0
-        qs.append(np.asarray(embed(batch["a_tokens"], batch["a_segment_ids"], "a"))[real])
-        ds.append(np.asarray(embed(batch["b_tokens"], batch["b_segment_ids"], "b"))[real])
+        qs.append(np.asarray(embed_a(batch["a_tokens"], batch["a_segment_ids"]))[real])
+        ds.append(np.asarray(embed_b(batch["b_tokens"], batch["b_segment_ids"]))[real])
     if qs:
         yield from retrieval_metrics(np.concatenate(qs), np.concatenate(ds)).items()

@@ -1,1 +1,10 @@
-from lmstack.objectives import causal_lm  # noqa: F401  (registers objective.causal_lm)
+# Importing the package registers every built-in objective (objective.NAME).
+from lmstack.objectives import (  # noqa: F401
+    causal_lm,
+    contrastive,
+    denoising,
+    mlm,
+    prefix_lm,
+    span_corruption,
+    ul2,
+)

@@ -29,9 +29,16 @@ from __future__ import annotations
 
 from typing import Any, Iterator, Protocol
 
+import numpy as np
+
 import jax
 
-from lmstack.data.pipeline import eval_batches, train_iterator
+from lmstack.data.pipeline import (
+    eval_batches,
+    train_iterator,
+    transformed_eval_batches,
+    transformed_windows_iterator,
+)
 
 Aux = dict[str, jax.Array]
 
@@ -76,3 +83,33 @@ def normalise(aux: dict[str, Any]) -> dict[str, float]:
     """Per-unit metrics from summed ``aux``: every entry divided by ``aux['weight']``."""
     w = aux["weight"]
     return {k: v / w for k, v in aux.items() if k != "weight"}
+
+
+class TransformedWindowObjective(WindowObjective):
+    """Windows of ``window_length()`` raw tokens, each turned into fixed-length features
+    by ``transform(tokens, rng)`` (a noising function) inside the data pipeline; ``bind``
+    sees the tokenizer first (for word starts, sentence ends, special ids)."""
+
+    def window_length(self) -> int:
+        return self.cfg.data.seq_len
+
+    def transform(self, tokens: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def bind(self, tokenizer: Any) -> None:
+        """Learn what the transform needs from the tokenizer; default: nothing."""
+
+    def train_batches(self, data: Any) -> Iterator[dict]:
+        c = self.cfg
+        self.bind(data.tokenizer)
+        return transformed_windows_iterator(data.train, window_length=self.window_length(),
+                                            batch_size=c.train.batch_size, seed=c.data.seed, transform=self.transform)
+
+    def eval_batches(self, data: Any) -> list[dict]:
+        c = self.cfg
+        if not len(data.val):
+            return []
+        self.bind(data.tokenizer)
+        return transformed_eval_batches(data.val, window_length=self.window_length(),
+                                        batch_size=c.eval.batch_size or c.train.batch_size,
+                                        max_batches=c.eval.batches, seed=c.data.seed, transform=self.transform)

@@ -1,0 +1,49 @@
+"""BART denoising on the encoder-decoder: text infilling (Poisson span lengths, one mask
+token per span) and/or sentence permutation; the target is the original window.
+
+``objective.denoise`` picks ``infilling``, ``permutation`` or ``both`` (BART's best); the
+mask token is the top id of the model's vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from lmstack.config import ConfigError
+from lmstack.data.noise import sentence_permutation, text_infilling
+from lmstack.data.token_table import TokenTable
+from lmstack.data.tokenizers import Tokenizer
+from lmstack.objectives.seq2seq import Seq2SeqObjective, fixed
+from lmstack.registry import register
+
+
+@register("objective.denoising")
+class Denoising(Seq2SeqObjective):
+    def __init__(self, cfg: Any):
+        super().__init__(cfg)
+        if cfg.objective.denoise not in ("infilling", "permutation", "both"):
+            raise ConfigError(f"objective.denoise is {cfg.objective.denoise!r}: must be one of infilling, "
+                              f"permutation, both")
+        self.mask_id = cfg.model.vocab_size - 1
+        self.sentence_ends = np.zeros(0, np.int32)
+
+    @classmethod
+    def extra_tokens(cls, cfg: Any) -> int:
+        return 1
+
+    def bind(self, tokenizer: Tokenizer) -> None:
+        self.sentence_ends = TokenTable(tokenizer).sentence_end_ids
+
+    def transform(self, tokens: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        o, n = self.cfg.objective, self.cfg.data.seq_len
+        noisy = tokens
+        if o.denoise in ("permutation", "both") and len(self.sentence_ends):
+            noisy = sentence_permutation(noisy, rng=rng, sentence_end_ids=self.sentence_ends)
+        if o.denoise in ("infilling", "both"):
+            noisy = text_infilling(noisy, rng=rng, mask_id=self.mask_id, mask_ratio=o.mask_ratio,
+                                   poisson_lambda=o.poisson_lambda)
+        inputs, inputs_mask = fixed(noisy, n)
+        targets, targets_mask = fixed(tokens, n)
+        return {"inputs": inputs, "inputs_mask": inputs_mask, "targets": targets, "targets_mask": targets_mask}

@@ -1,0 +1,47 @@
+"""Masked language modelling (BERT) on the encoder: 15% of the tokens (or whole words) are
+selected; of those 80% become [MASK], 10% a random token, 10% stay; the loss is on the
+selected positions only. [MASK] is the top id of the model's vocabulary."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from lmstack.data.noise import mlm_mask
+from lmstack.data.token_table import TokenTable
+from lmstack.data.tokenizers import Tokenizer
+from lmstack.objectives.base import TransformedWindowObjective
+from lmstack.objectives.causal_lm import token_cross_entropy
+from lmstack.registry import register
+
+
+@register("objective.mlm")
+class MaskedLM(TransformedWindowObjective):
+    def __init__(self, cfg: Any):
+        super().__init__(cfg)
+        self.mask_id = cfg.model.vocab_size - 1
+        self.table: TokenTable | None = None
+        self.special: list[int] = []
+
+    @classmethod
+    def extra_tokens(cls, cfg: Any) -> int:
+        return 1
+
+    def bind(self, tok: Tokenizer) -> None:
+        self.special = [i for i in (tok.bos_id, tok.eos_id, tok.pad_id) if i is not None]
+        self.table = TokenTable(tok) if self.cfg.objective.whole_word else None
+
+    def transform(self, tokens: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        o = self.cfg.objective
+        inputs, targets, loss_mask = mlm_mask(
+            tokens, rng=rng, mask_id=self.mask_id, vocab_size=self.mask_id, select_rate=o.select_rate,
+            mask_rate=o.mask_rate, random_rate=o.random_rate, special_ids=self.special,
+            word_starts=None if self.table is None else self.table.word_starts(tokens))
+        return {"inputs": inputs, "targets": targets, "loss_mask": loss_mask}
+
+    def loss_fn(self, model: Any, batch: dict[str, jax.Array], rng: jax.Array | None):
+        hidden = model(batch["inputs"], rng=rng)
+        aux = token_cross_entropy(model.lm_logits(hidden), batch["targets"], batch["loss_mask"])
+        return aux.pop("loss"), aux
