@@ -34,11 +34,11 @@ def _logical_names(v: nnx.Variable) -> tuple[str, ...]:
 def decays(v: nnx.Variable, decay_embeddings: bool) -> bool:
     """Weight decay applies to weight matrices only (an ``embed`` axis and at least one
     other): never to norms or biases (a per-head bias is 2-D but has no ``embed`` axis),
-    and to lookup tables (first axis ``vocab`` or ``positions``) only if asked."""
+    and to lookup tables (first axis ``vocab``, ``positions`` or ``token_types``) only if asked."""
     names = _logical_names(v)
     if len(names) < 2 or "embed" not in names:
         return False
-    if names[0] in ("vocab", "positions"):
+    if names[0] in ("vocab", "positions", "token_types"):
         return decay_embeddings
     return True
 

@@ -33,6 +33,9 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("vocab", "tensor"),
     ("head_dim", None),
     ("positions", None),
+    ("token_types", None),  # BERT token-type (segment A/B) embedding rows
+    ("relpos_buckets", None),  # T5 relative-position bias rows (the table is split on 'heads')
+    ("projection", None),  # two-tower projection output: small, kept whole
     ("norm", None),
     ("layers", None),
 )

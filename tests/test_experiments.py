@@ -59,7 +59,10 @@ def test_smoke_run(name, tmp_path):
     assert summary["start_step"] == 0 and summary["step"] == steps
     assert math.isfinite(summary["eval"]["loss"])
     assert summary["eval"]["perplexity"] == pytest.approx(math.exp(summary["eval"]["loss"]), rel=1e-6)
-    assert isinstance(summary["sample"], str) and summary["sample"]
+    if cfg.model.name == "decoder":  # generative models end with a sample; the others have none
+        assert isinstance(summary["sample"], str) and summary["sample"]
+    else:
+        assert summary["sample"] is None
     ckpt = Checkpointer(workdir)
     try:
         assert ckpt.latest_step() == steps

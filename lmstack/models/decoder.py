@@ -8,6 +8,8 @@
 The blocks are created stacked (a leading ``layers`` axis on every block parameter) and
 run with ``nnx.scan``, so compile time does not grow with depth. Attention is restricted to
 the query's own document (segment ids), so packed sequences never leak across documents.
+An optional prefix mask turns it into a prefix LM (bidirectional over each document's
+prefix, causal after it).
 """
 
 from __future__ import annotations
@@ -158,6 +160,7 @@ class Decoder(nnx.Module):
         *,
         positions: Array | None = None,
         segment_ids: Array | None = None,
+        prefix_mask: Array | None = None,
         cache: dict[str, Array] | None = None,
         rng: Array | None = None,
     ) -> Array | tuple[Array, dict[str, Array]]:
@@ -166,6 +169,11 @@ class Decoder(nnx.Module):
         ``positions`` are positions inside each document (default 0..t-1, or continuing
         from the cache); ``segment_ids`` number the documents of a packed row (equal ids
         attend to each other; default: one document).
+
+        ``prefix_mask`` (booleans (b, t), True on each document's prefix) makes a prefix
+        LM: prefix tokens attend to each other bidirectionally within their document, the
+        rest stays causal. With a cache, the prefix must arrive in one call (the prefill);
+        earlier cache entries are seen causally, as they are earlier anyway.
         """
         c = self.cfg
         b, t = tokens_bt.shape
@@ -175,12 +183,17 @@ class Decoder(nnx.Module):
         doc_pos = row_q if positions is None else positions
         seg_q = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
         if cache is None:
-            mask, kv_in, k_valid = attention_mask(seg_q, seg_q, row_q, row_q), None, None
+            mask = attention_mask(seg_q, seg_q, row_q, row_q, q_prefix_bt=prefix_mask, k_prefix_bs=prefix_mask)
+            kv_in, k_valid = None, None
         else:
             s = cache["k"].shape[2]
             row_k = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
             k_valid = row_k < start + t
-            mask = attention_mask(jnp.ones((b, t), jnp.int32), jnp.ones((b, s), jnp.int32), row_q, row_k, k_valid)
+            k_prefix = None
+            if prefix_mask is not None:  # this chunk's prefix flags at its place in the cache
+                k_prefix = jax.lax.dynamic_update_slice_in_dim(jnp.zeros((b, s), bool), prefix_mask, start, axis=1)
+            mask = attention_mask(jnp.ones((b, t), jnp.int32), jnp.ones((b, s), jnp.int32), row_q, row_k, k_valid,
+                                  q_prefix_bt=prefix_mask, k_prefix_bs=k_prefix)
             kv_in = (cache["k"], cache["v"])
 
         x = self.embed[...][tokens_bt].astype(dt)

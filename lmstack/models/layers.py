@@ -71,6 +71,18 @@ class LayerNorm(nnx.Module):
         return y.astype(x.dtype)
 
 
+NORMS = ("rmsnorm", "layernorm")
+
+
+def make_norm(kind: str, d: int, eps: float, use_bias: bool) -> RMSNorm | LayerNorm:
+    """``rmsnorm`` (Llama, T5) or ``layernorm`` (GPT-2, BERT; with a bias if ``use_bias``)."""
+    if kind == "rmsnorm":
+        return RMSNorm(d, eps)
+    if kind == "layernorm":
+        return LayerNorm(d, eps, use_bias)
+    raise ValueError(f"norm {kind!r} is not one of {', '.join(NORMS)}")
+
+
 def rope(x_bthd: Array, positions_bt: Array, theta: float) -> Array:
     """Rotary position embedding (rotate-half form, as in Llama) applied in float32."""
     h = x_bthd.shape[-1]
@@ -83,30 +95,109 @@ def rope(x_bthd: Array, positions_bt: Array, theta: float) -> Array:
     return out.astype(x_bthd.dtype)
 
 
+def segment_mask(q_segment_bt: Array, k_segment_bs: Array) -> Array:
+    """Bidirectional mask that never crosses a document: (b, 1, t, s) booleans.
+
+    Used for encoder self-attention and for cross-attention (decoder segment ids against
+    encoder segment ids). Padding (segment 0) only meets padding, so a real token never
+    attends to it, and a padding row is never fully masked (no NaNs).
+    """
+    return (q_segment_bt[:, :, None] == k_segment_bs[:, None, :])[:, None, :, :]
+
+
 def attention_mask(
-    q_segment_bt: Array, k_segment_bs: Array, q_pos_bt: Array, k_pos_bs: Array, k_valid_bs: Array | None = None
+    q_segment_bt: Array,
+    k_segment_bs: Array,
+    q_pos_bt: Array,
+    k_pos_bs: Array,
+    k_valid_bs: Array | None = None,
+    *,
+    q_prefix_bt: Array | None = None,
+    k_prefix_bs: Array | None = None,
 ) -> Array:
     """Causal mask that never crosses a document: (b, 1, t, s) booleans.
 
     Queries attend to keys of the same segment at an earlier or equal position index
     along the packed row. ``q_pos``/``k_pos`` here are indices in the row (or in the KV
     cache), not positions within the document.
+
+    Prefix LM: where ``q_prefix`` and ``k_prefix`` (booleans, True on each document's
+    prefix tokens) are both true, a query also sees later keys of its document, so the
+    prefix attends to itself bidirectionally while everything after it stays causal.
     """
     same_doc = q_segment_bt[:, :, None] == k_segment_bs[:, None, :]
-    causal = q_pos_bt[:, :, None] >= k_pos_bs[:, None, :]
-    mask = same_doc & causal
+    visible = q_pos_bt[:, :, None] >= k_pos_bs[:, None, :]
+    if q_prefix_bt is not None and k_prefix_bs is not None:
+        visible = visible | (q_prefix_bt.astype(bool)[:, :, None] & k_prefix_bs.astype(bool)[:, None, :])
+    mask = same_doc & visible
     if k_valid_bs is not None:
         mask = mask & k_valid_bs[:, None, :]
     return mask[:, None, :, :]
 
 
-def dot_product_attention(q_btnh: Array, k_bskh: Array, v_bskh: Array, mask_b1ts: Array) -> Array:
-    """Grouped-query attention with softmax in float32; k divides n."""
+def relative_position_bucket(relative_position: Array, *, bidirectional: bool, num_buckets: int,
+                             max_distance: int) -> Array:
+    """T5's bucketing of ``relative_position = key_position - query_position`` (int32).
+
+    Bidirectional: keys before the query use buckets [0, n/2), keys after it [n/2, n).
+    Causal: keys before the query use all n buckets and keys after it share bucket 0.
+    Within a direction of m buckets, distances 0..m/2-1 have a bucket each; larger ones
+    share buckets spaced logarithmically up to ``max_distance``, and farther ones the
+    last bucket. Computed in float32 as in Mesh TensorFlow and HF Transformers.
+    """
+    rel = relative_position.astype(jnp.int32)
+    n = num_buckets
+    if bidirectional:
+        n //= 2
+        offset = (rel > 0).astype(jnp.int32) * n
+        rel = jnp.abs(rel)
+    else:
+        offset = jnp.zeros_like(rel)
+        rel = jnp.maximum(-rel, 0)
+    max_exact = n // 2
+    # the log is taken of at least max_exact: smaller distances use the exact branch anyway
+    far = jnp.maximum(rel, max_exact).astype(jnp.float32)
+    log_ratio = jnp.log(far / max_exact) / math.log(max_distance / max_exact)
+    large = max_exact + (log_ratio * (n - max_exact)).astype(jnp.int32)
+    large = jnp.minimum(large, n - 1)
+    return offset + jnp.where(rel < max_exact, rel, large)
+
+
+class RelativePositionBias(nnx.Module):
+    """T5's learned per-head attention bias over bucketed relative positions.
+
+    One table serves every layer of a stack (as in T5), so the bias is computed once per
+    forward pass and handed to each layer's attention.
+    """
+
+    def __init__(self, n_heads: int, *, num_buckets: int, max_distance: int, bidirectional: bool,
+                 init_std: float, rngs: nnx.Rngs):
+        self.table = param(rngs, (num_buckets, n_heads), ("relpos_buckets", "heads"), init_std)
+        self.num_buckets = num_buckets
+        self.max_distance = max_distance
+        self.bidirectional = bidirectional
+
+    def __call__(self, q_pos_bt: Array, k_pos_bs: Array) -> Array:
+        """(b, n, t, s) float32 bias from positions within each document."""
+        rel_bts = k_pos_bs[:, None, :] - q_pos_bt[:, :, None]
+        buckets = relative_position_bucket(rel_bts, bidirectional=self.bidirectional,
+                                           num_buckets=self.num_buckets, max_distance=self.max_distance)
+        bias_btsn = self.table[...][buckets]
+        return constrain(jnp.transpose(bias_btsn, (0, 3, 1, 2)), ("batch", "activation_heads", None, None))
+
+
+def dot_product_attention(q_btnh: Array, k_bskh: Array, v_bskh: Array, mask_b1ts: Array,
+                          bias_bnts: Array | None = None) -> Array:
+    """Grouped-query attention with softmax in float32; k divides n. ``bias`` (batch 1 or b,
+    float32) is added to the scaled logits, e.g. a relative position bias."""
     b, t, n, h = q_btnh.shape
     k = k_bskh.shape[2]
+    s = k_bskh.shape[1]
     q_btkgh = q_btnh.reshape(b, t, k, n // k, h)
     logits = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh, preferred_element_type=jnp.float32)
     logits = logits / math.sqrt(h)
+    if bias_bnts is not None:
+        logits = logits + bias_bnts.astype(jnp.float32).reshape(-1, k, n // k, t, s)
     logits = jnp.where(mask_b1ts[:, :, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v_bskh.dtype)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh)
@@ -114,11 +205,18 @@ def dot_product_attention(q_btnh: Array, k_bskh: Array, v_bskh: Array, mask_b1ts
 
 
 class Attention(nnx.Module):
-    """Multi-head attention with optional grouped KV heads, RoPE and a KV cache."""
+    """Multi-head attention with optional grouped KV heads, RoPE and a KV cache.
 
-    def __init__(self, cfg: Any, *, rngs: nnx.Rngs):
+    ``use_rope`` (default: ``cfg.style == 'llama'``) and ``out_std`` (the output
+    projection's init; default ``init_std / sqrt(2 * cfg.n_layers)``) let families without
+    ``style`` / ``n_layers`` (encoder, encoder-decoder) choose them. Cross-attention is
+    this module called with ``context_bsd``: keys and values come from the context.
+    """
+
+    def __init__(self, cfg: Any, *, rngs: nnx.Rngs, use_rope: bool | None = None, out_std: float | None = None):
         d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        if out_std is None:
+            out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
         self.q = param(rngs, (d, n, h), ("embed", "heads", "head_dim"), cfg.init_std)
         self.k = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg.init_std)
         self.v = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg.init_std)
@@ -129,16 +227,23 @@ class Attention(nnx.Module):
             self.v_bias = zeros_param((k, h), ("kv_heads", "head_dim"))
             self.o_bias = zeros_param((d,), ("norm",))
         self.use_bias = cfg.use_bias
-        self.use_rope = cfg.style == "llama"
+        self.use_rope = cfg.style == "llama" if use_rope is None else use_rope
         self.rope_theta = cfg.rope_theta
         self.dtype = jnp.dtype(cfg.dtype)
 
     def __call__(self, x_btd: Array, doc_pos_bt: Array, mask_b1ts: Array, kv: tuple[Array, Array] | None,
-                 cache_index: Array | None) -> tuple[Array, tuple[Array, Array] | None]:
+                 cache_index: Array | None, *, context_bsd: Array | None = None,
+                 bias_bnts: Array | None = None) -> tuple[Array, tuple[Array, Array] | None]:
+        """Attend from ``x`` to itself, or to ``context`` (cross-attention: no RoPE, no cache).
+        ``bias`` is an additive float32 logit bias (relative positions)."""
         dt = self.dtype
+        src_bsd = x_btd if context_bsd is None else context_bsd
+        if context_bsd is not None and (self.use_rope or kv is not None):
+            raise ValueError("cross-attention (context_bsd) takes no RoPE and no KV cache: "
+                             "build it with use_rope=False and call it without kv")
         q = dense(x_btd, self.q[...].astype(dt))  # (b, t, n, h)
-        k = dense(x_btd, self.k[...].astype(dt))  # (b, t, k, h)
-        v = dense(x_btd, self.v[...].astype(dt))
+        k = dense(src_bsd, self.k[...].astype(dt))  # (b, s, k, h)
+        v = dense(src_bsd, self.v[...].astype(dt))
         if self.use_bias:
             q = q + self.q_bias[...].astype(dt)
             k = k + self.k_bias[...].astype(dt)
@@ -151,7 +256,7 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, axis=1)
             kv = (k, v)
-        out = dot_product_attention(q, k.astype(dt), v.astype(dt), mask_b1ts)
+        out = dot_product_attention(q, k.astype(dt), v.astype(dt), mask_b1ts, bias_bnts)
         b, t, n, h = out.shape
         y = dense(out.reshape(b, t, n * h), self.o[...].astype(dt).reshape(n * h, -1))
         if self.use_bias:
@@ -159,13 +264,37 @@ class Attention(nnx.Module):
         return y, kv
 
 
-class MLP(nnx.Module):
-    """SwiGLU (llama) or GELU (gpt2) feed-forward block."""
+def _gelu_exact(x: Array) -> Array:
+    return jax.nn.gelu(x, approximate=False)
 
-    def __init__(self, cfg: Any, *, rngs: nnx.Rngs):
+
+def _gelu_tanh(x: Array) -> Array:
+    return jax.nn.gelu(x, approximate=True)
+
+
+# name -> (nonlinearity, gated). swiglu: Llama; geglu: T5 v1.1's gated-gelu (tanh form);
+# gelu: BERT / GPT-2 (exact erf form, as the gpt2 decoder uses); relu: original T5.
+ACTIVATIONS: dict[str, tuple[Callable[[Array], Array], bool]] = {
+    "swiglu": (jax.nn.silu, True),
+    "geglu": (_gelu_tanh, True),
+    "gelu": (_gelu_exact, False),
+    "relu": (jax.nn.relu, False),
+}
+
+
+class MLP(nnx.Module):
+    """Feed-forward block: SwiGLU (llama) or GELU (gpt2) by ``cfg.style``, or any of
+    :data:`ACTIVATIONS` by ``activation``. ``out_std`` as in :class:`Attention`."""
+
+    def __init__(self, cfg: Any, *, rngs: nnx.Rngs, activation: str | None = None, out_std: float | None = None):
         d, f = cfg.d_model, cfg.d_ff
-        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
-        self.gated = cfg.style == "llama"
+        if out_std is None:
+            out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        if activation is None:
+            activation = "swiglu" if cfg.style == "llama" else "gelu"
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation {activation!r} is not one of {', '.join(ACTIVATIONS)}")
+        self.act, self.gated = ACTIVATIONS[activation]
         if self.gated:
             self.gate = param(rngs, (d, f), ("embed", "mlp"), cfg.init_std)
         self.up = param(rngs, (d, f), ("embed", "mlp"), cfg.init_std)
@@ -182,14 +311,37 @@ class MLP(nnx.Module):
         if self.use_bias:
             h = h + self.up_bias[...].astype(dt)
         if self.gated:
-            h = jax.nn.silu(dense(x_btd, self.gate[...].astype(dt))) * h
+            h = self.act(dense(x_btd, self.gate[...].astype(dt))) * h
         else:
-            h = jax.nn.gelu(h, approximate=False)
+            h = self.act(h)
         h = constrain(h, ("batch", "activation_length", "mlp"))
         y = dense(h, self.down[...].astype(dt))
         if self.use_bias:
             y = y + self.down_bias[...].astype(dt)
         return y
+
+
+POOLINGS = ("mean", "cls", "last")
+
+
+def pool(hidden_btd: Array, segment_ids_bt: Array | None, kind: str) -> Array:
+    """One float32 vector per row (b, d) from a row holding one sequence (padding: segment 0).
+
+    ``mean``: average over non-padding tokens; ``cls``: the first token; ``last``: the last
+    non-padding token (the usual choice for a causal decoder).
+    """
+    x = hidden_btd.astype(jnp.float32)
+    b, t, _ = x.shape
+    valid_bt = jnp.ones((b, t), bool) if segment_ids_bt is None else segment_ids_bt != 0
+    if kind == "mean":
+        w = valid_bt.astype(jnp.float32)[..., None]
+        return jnp.sum(x * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
+    if kind == "cls":
+        return x[:, 0]
+    if kind == "last":
+        last_b = jnp.max(jnp.where(valid_bt, jnp.arange(t, dtype=jnp.int32), 0), axis=1)
+        return jnp.take_along_axis(x, last_b[:, None, None], axis=1)[:, 0]
+    raise ValueError(f"pooling {kind!r} is not one of {', '.join(POOLINGS)}")
 
 
 def dropout(x: Array, rate: float, rng: Array | None) -> Array:
