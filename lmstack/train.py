@@ -102,7 +102,7 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path) -> dict[str, Any]:
         return results
 
     start = int(state["step"])
-    summary: dict[str, Any] = {"start_step": start}
+    summary: dict[str, Any] = {"start_step": start, "params": param_count(abstract)}
     step_times: list[float] = []
     compile_s = None
     bar = tqdm(total=cfg.train.steps, initial=start, disable=not cfg.train.progress, unit="step",

@@ -28,3 +28,24 @@ def test_reads_sst2(shared_data):
     assert len(texts) == 872 and set(labels) == {0, 1}
     texts, labels = read_tsv(shared_data / "sst2" / "train.tsv")
     assert len(texts) == 67349 and not any(t.endswith("\r") for t in texts)
+
+
+@pytest.mark.parametrize("family", ["decoder", "encoder", "encoder_decoder", "two_tower"])
+def test_every_family_gives_pooled_features(family):
+    """features(tokens, segment_ids): one vector per row that ignores padding."""
+    import jax.numpy as jnp
+
+    from lmstack.trainstate import model_factory
+    from tests.helpers import tiny_config
+
+    cfg = tiny_config()
+    cfg.model.name = family
+    make_model, _ = model_factory(cfg, vocab_size=256)
+    model = make_model()
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (3, 10)), jnp.int32)
+    seg = jnp.asarray([[1] * 10, [1] * 6 + [0] * 4, [1] * 6 + [0] * 4], jnp.int32)
+    padded = tokens.at[2, 6:].set(7)  # only the padding differs between rows 1 and 2
+    f = model.features(padded.at[1].set(tokens[1]), seg)
+    assert f.shape == (3, 64) and f.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(f[1]), np.asarray(model.features(tokens[1:2, :6], seg[1:2, :6])[0]),
+                               atol=1e-5)

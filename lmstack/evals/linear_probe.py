@@ -1,6 +1,6 @@
 """Linear probe: how linearly separable a downstream task is in the frozen model's features.
 
-Features are the model's pooled embeddings (``model.embed(tokens, segment_ids)``); a
+Features are the model's pooled outputs (``model.features(tokens, segment_ids)``); a
 logistic regression (L2-regularised, standardised features, full-batch L-BFGS) is fitted on
 a training subset and scored on the dev split. The default task is SST-2 sentiment, read
 from ``config.eval.linear_probe.path`` (TSV with a header row: ``label<TAB>sentence``).
@@ -61,7 +61,7 @@ def fit_logistic_regression(x: np.ndarray, y: np.ndarray, n_classes: int, l2: fl
 
 def _features(model: Any, tokenizer: Any, texts: list[str], seq_len: int, batch_size: int) -> np.ndarray:
     head = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
-    embed = compiled_method(model, "embed")
+    embed = compiled_method(model, "features")
     out = []
     for i in range(0, len(texts), batch_size):
         chunk = texts[i:i + batch_size]

@@ -32,6 +32,7 @@ from lmstack.models.layers import (
     dense,
     dropout,
     param,
+    pool,
 )
 from lmstack.registry import register
 from lmstack.sharding import constrain
@@ -175,6 +176,22 @@ class Decoder(nnx.Module):
         rest stays causal. With a cache, the prefix must arrive in one call (the prefill);
         earlier cache entries are seen causally, as they are earlier anyway.
         """
+        x, cache = self.hidden(tokens_bt, positions=positions, segment_ids=segment_ids, prefix_mask=prefix_mask,
+                               cache=cache, rng=rng)
+        head = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+        logits = dense(x, head.astype(x.dtype), out_dtype=jnp.float32)
+        logits = constrain(logits, ("batch", "activation_length", "activation_vocab"))
+        return logits if cache is None else (logits, cache)
+
+    def features(self, tokens_bt: Array, segment_ids_bt: Array) -> Array:
+        """One float32 vector per row: the final hidden states averaged over the tokens
+        (segment id > 0), for probes and retrieval."""
+        return pool(self.hidden(tokens_bt, segment_ids=segment_ids_bt)[0], segment_ids_bt, "mean")
+
+    def hidden(self, tokens_bt: Array, *, positions: Array | None = None, segment_ids: Array | None = None,
+               prefix_mask: Array | None = None, cache: dict[str, Array] | None = None,
+               rng: Array | None = None) -> tuple[Array, dict[str, Array] | None]:
+        """Final (normed) hidden states, and the advanced cache if one was given."""
         c = self.cfg
         b, t = tokens_bt.shape
         dt = jnp.dtype(c.dtype)
@@ -212,9 +229,6 @@ class Decoder(nnx.Module):
             x, self.blocks, kv_in, layer_rngs
         )
         x = self.final_norm(x)
-        head = self.embed[...].T if c.tie_embeddings else self.lm_head[...]
-        logits = dense(x, head.astype(dt), out_dtype=jnp.float32)
-        logits = constrain(logits, ("batch", "activation_length", "activation_vocab"))
         if cache is None:
-            return logits
-        return logits, {"k": kv_out[0], "v": kv_out[1], "index": start + t}
+            return x, None
+        return x, {"k": kv_out[0], "v": kv_out[1], "index": start + t}

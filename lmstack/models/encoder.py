@@ -314,6 +314,10 @@ class Encoder(nnx.Module):
             logits = constrain(logits, ("batch", "activation_length", "activation_vocab"))
         return logits
 
+    def features(self, tokens_bt: Array, segment_ids_bt: Array) -> Array:
+        """One float32 vector per row (the configured pooling), for probes and retrieval."""
+        return self.pooled(self(tokens_bt, segment_ids=segment_ids_bt), segment_ids_bt)
+
     def pooled(self, hidden_btd: Array, segment_ids_bt: Array | None = None, kind: str | None = None) -> Array:
         """One float32 vector per row (b, d): :func:`pool` with ``kind`` (default: the
         configured pooling), then the pooler (dense + tanh) if configured. BERT's pooled

@@ -200,6 +200,10 @@ class EncoderDecoder(nnx.Module):
         """Encoder hidden states ``(b, s, d)`` in the compute dtype (final norm applied)."""
         return self.encoder(inputs_bt, segment_ids=segment_ids, positions=positions, rng=rng)
 
+    def features(self, tokens_bt: Array, segment_ids_bt: Array) -> Array:
+        """One float32 vector per row: the encoder's pooled output, for probes and retrieval."""
+        return self.encoder.features(tokens_bt, segment_ids_bt)
+
     def decode(
         self,
         encoded_bsd: Array,

@@ -107,6 +107,10 @@ class TwoTower(nnx.Module):
         hidden = encoder(tokens_bt, segment_ids=segment_ids_bt, rng=rng)
         return encoder.pooled(hidden, segment_ids_bt)
 
+    def features(self, tokens_bt: Array, segment_ids_bt: Array) -> Array:
+        """Tower a's pooled output before its projection, for probes."""
+        return self.pooled(tokens_bt, segment_ids_bt, tower="a")
+
     def embed(self, tokens_bt: Array, segment_ids_bt: Array | None = None, tower: str = "a", *,
               rng: Array | None = None) -> Array:
         """Embeddings (b, projection_dim), float32, unnormalised: one sequence per row,

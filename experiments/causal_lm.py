@@ -1,0 +1,17 @@
+"""Causal LM pre-training of a Llama-style decoder on the stdlib corpus, in the shared
+setting of the objective comparison (~2 min on 2 CPU cores).
+
+Launch:  lmstack train causal_lm --workdir runs/causal_lm
+Expect:  held-out loss about 3 after 400 steps; the reference row of
+         python tools/compare_objectives.py.
+"""
+
+from lmstack.configs.pretrain import stdlib_pretraining
+
+
+def get_config(arg: str | None = None):
+    c, _ = stdlib_pretraining(arg)
+    c.model.name = "decoder"
+    c.model.style = "llama"
+    c.objective.name = "causal_lm"
+    return c
