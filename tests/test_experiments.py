@@ -72,8 +72,11 @@ def test_smoke_run(name, tmp_path):
     losses = {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
     vocab = json.loads((workdir / "config.json").read_text())["model"]["vocab_size"]
     assert vocab > 0
-    # A freshly initialised model predicts nearly uniformly, and a few steps lower the loss.
-    assert abs(losses[1] - math.log(vocab)) < 0.3, (losses[1], math.log(vocab))
+    if cfg.model.name != "two_tower":
+        # A freshly initialised LM predicts nearly uniformly over its vocabulary. (A two-tower
+        # model ranks documents, not tokens: its chance level depends on the batch and the
+        # initial temperature, so only the decrease below is checked for it.)
+        assert abs(losses[1] - math.log(vocab)) < 0.3, (losses[1], math.log(vocab))
     assert losses[steps] < losses[1]
 
 
