@@ -88,9 +88,9 @@ def test_microbatch_not_divisible_by_data_parallel_size(capsys, files, tmp_path)
 
 
 def test_eval_batch_not_divisible(capsys, files, tmp_path):
-    # shakespeare_char evaluates in batches of 60; 16 training rows fit 8 devices, 60 do not.
+    # 16 training rows fit 8 devices, 60 evaluation rows do not.
     msg = error_of(capsys, [*BASE, "--workdir", str(tmp_path / "w"), f"--config.data.path={files['corpus']}",
-                            "--config.mesh.data=8", "--config.train.batch_size=16"])
+                            "--config.mesh.data=8", "--config.train.batch_size=16", "--config.eval.batch_size=60"])
     assert msg.startswith("eval.batch_size=60 is not divisible by the data-parallel size 8")
     assert "set --config.eval.batch_size to a multiple of 8 (e.g. 64)" in msg
 

@@ -43,12 +43,17 @@ def main() -> None:
     from lmstack.train import train
 
     spec = lambda name: f"{name}:smoke=True" if args.smoke else name  # noqa: E731
-    common = ["--config.train.progress=false", "--config.mesh.data=1"]
-    budget = train_step_flops(load_config(spec("causal_lm"), common), Path(args.workdir) / "flops") * args.budget_steps
+    common = ["--config.train.progress=false"]
+    one_device = [*common, "--config.mesh.data=1"]  # XLA's cost analysis then counts the whole step
+
+    def step_flops(name: str) -> float:
+        return train_step_flops(load_config(spec(name), one_device), Path(args.workdir) / "flops")
+
+    budget = step_flops("causal_lm") * args.budget_steps
     rows = []
     for name in args.only:
         cfg = load_config(spec(name), common)
-        per_step = train_step_flops(cfg, Path(args.workdir) / "flops")
+        per_step = step_flops(name)
         steps = max(1, int(budget // per_step))
         apply_overrides(cfg, [f"--config.train.steps={steps}", f"--config.checkpoint.every={steps}",
                               f"--config.eval.every={steps}", f"--config.optimizer.warmup_steps={max(1, steps // 10)}"])

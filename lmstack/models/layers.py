@@ -35,8 +35,8 @@ def dense(x: Array, w: Array, out_dtype: jnp.dtype | None = None) -> Array:
 
 
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str, ...], std: float) -> nnx.Param:
-    """A float32 parameter drawn from N(0, std^2), truncated at 2 std, with logical names."""
-    init = nnx.initializers.truncated_normal(stddev=std) if std > 0 else nnx.initializers.zeros
+    """A float32 parameter drawn from N(0, std^2) (as GPT-2 and Llama initialise), with logical names."""
+    init = nnx.initializers.normal(stddev=std) if std > 0 else nnx.initializers.zeros
     return nnx.Param(init(rngs.params(), shape, jnp.float32), out_sharding=names)
 
 

@@ -1,0 +1,42 @@
+"""lmstack's XLA:CPU defaults: one device per core, no YNN fusions, never over the user's flags."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from lmstack import cpu_defaults
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({}, "--xla_force_host_platform_device_count={cores} --xla_cpu_experimental_ynn_fusion_type="),
+        ({"XLA_FLAGS": "--xla_force_host_platform_device_count=3"},
+         "--xla_force_host_platform_device_count=3 --xla_cpu_experimental_ynn_fusion_type="),
+        ({"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot"},
+         "--xla_cpu_experimental_ynn_fusion_type=dot --xla_force_host_platform_device_count={cores}"),
+        ({"LMSTACK_XLA_DEFAULTS": "0"}, None),
+    ],
+)
+def test_defaults_fill_in_only_what_the_user_left_unset(monkeypatch, env, expected):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    monkeypatch.delenv("LMSTACK_XLA_DEFAULTS", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    cpu_defaults.apply()
+    import os
+
+    got = os.environ.get("XLA_FLAGS")
+    assert got == (None if expected is None else expected.format(cores=cpu_defaults.cpu_cores()))
+
+
+def test_a_fresh_process_gets_one_cpu_device_per_core():
+    code = "import lmstack, jax; print(jax.device_count(), lmstack.cpu_defaults.cpu_cores())"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    devices, cores = map(int, out.stdout.split())
+    assert devices == cores
