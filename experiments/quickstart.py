@@ -1,9 +1,10 @@
-"""Pre-train a small Llama-style LM on Python's own standard library (~5 min on 2 CPU cores).
+"""Pre-train a small Llama-style LM on Python's own standard library (~7 min on 2 CPU cores).
 
 Launch:  lmstack train quickstart --workdir runs/quickstart
 Data:    the standard library's .py sources and pydoc topics (ships with every Python),
          tokenized by a 4096-piece SentencePiece model trained on first use and cached.
-Expect:  held-out perplexity about 12 (loss ~2.5) after 500 steps of 16 x 256 tokens;
+Expect:  held-out perplexity 39 (loss 3.66) after 500 steps of 16 x 256 tokens, 7m18s from a
+         fresh venv on a 2-core CPU (pip install, tokenizer training, 6m50s of training);
          a sample that looks like Python. ``quickstart:smoke=True`` runs in seconds.
 """
 
