@@ -80,7 +80,8 @@ def _description(path: Path) -> str:
         doc = ast.get_docstring(ast.parse(path.read_text(), filename=str(path)))
     except SyntaxError as e:
         return f"(cannot parse: {e.msg}, line {e.lineno})"
-    return doc.splitlines()[0] if doc else ""  # get_docstring already stripped it
+    # The summary is the docstring's first paragraph, which may wrap over several lines.
+    return " ".join(doc.split("\n\n")[0].split()) if doc else ""
 
 
 def list_experiments() -> list[tuple[str, str]]:

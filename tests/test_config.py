@@ -21,7 +21,8 @@ from lmstack.config import (
 )
 from lmstack.configs.base import base_config
 
-TINY = '''"""A tiny experiment for tests.
+TINY = '''"""A tiny experiment
+for tests.
 
 Longer text that the listing does not show.
 """
