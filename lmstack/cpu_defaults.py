@@ -9,7 +9,8 @@
 - **No YNN fusions.** XLA:CPU's experimental YNN fusions run these matmuls ~10% slower than
   its default emitters (the same benchmark: 54 -> 48 ms per iteration).
 
-Each default applies only where the user has not set the same flag in ``XLA_FLAGS``;
+Each default applies only where the user has not set the same flag in ``XLA_FLAGS``
+(``JAX_NUM_CPU_DEVICES``, where set, overrides the device count in any case);
 ``LMSTACK_XLA_DEFAULTS=0`` keeps XLA's own choices. They take effect only if lmstack is
 imported before jax creates its backend (the ``lmstack`` command and the tools do so).
 """

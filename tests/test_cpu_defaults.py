@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -27,15 +28,13 @@ def test_defaults_fill_in_only_what_the_user_left_unset(monkeypatch, env, expect
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     cpu_defaults.apply()
-    import os
-
     got = os.environ.get("XLA_FLAGS")
     assert got == (None if expected is None else expected.format(cores=cpu_defaults.cpu_cores()))
 
 
 def test_a_fresh_process_gets_one_cpu_device_per_core():
     code = "import lmstack, jax; print(jax.device_count(), lmstack.cpu_defaults.cpu_cores())"
-    env = {k: v for k, v in __import__("os").environ.items() if k != "XLA_FLAGS"}
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     devices, cores = map(int, out.stdout.split())

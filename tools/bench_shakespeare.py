@@ -49,11 +49,10 @@ def main() -> None:
     wall = time.perf_counter() - t0
     peak_after = measure_matmul_flops(cfg.model.dtype, n=1024)
 
-    from lmstack.run import load_data, state_layout
     from lmstack.sharding import make_mesh
+    from lmstack.trainstate import model_factory
 
-    data = load_data(cfg, __import__("pathlib").Path(workdir))
-    _, mcfg, *_ = state_layout(cfg, data.tokenizer.vocab_size, make_mesh(cfg.mesh))
+    _, mcfg = model_factory(cfg, cfg.model.vocab_size)  # training resolved the vocabulary into cfg
     fpt = mcfg.flops_per_token(cfg.data.seq_len)
     tps = summary["tokens_per_sec"]
     peak_best = max(peak, peak_after)  # the machine is shared: the better reading is nearer its peak

@@ -14,6 +14,7 @@ features, and code-search recall@10 for the contrastive run.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -46,6 +47,7 @@ def main() -> None:
     common = ["--config.train.progress=false"]
     one_device = [*common, "--config.mesh.data=1"]  # XLA's cost analysis then counts the whole step
 
+    @functools.cache  # each experiment's step is compiled once, causal_lm's serving the budget too
     def step_flops(name: str) -> float:
         return train_step_flops(load_config(spec(name), one_device), Path(args.workdir) / "flops")
 

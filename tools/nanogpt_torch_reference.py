@@ -71,7 +71,7 @@ def lr_at(it: int) -> float:
 
 
 def whole_split_loss(model: GPT, val: torch.Tensor) -> float:
-    """Mean loss over every target of ``val`` once: window k reads tokens [k*64, (k+1)*64]."""
+    """Mean loss over every target of ``val`` once: window k reads tokens [k*BLOCK, (k+1)*BLOCK]."""
     full = (len(val) - 1) // BLOCK
     x, y = val[: full * BLOCK].view(full, BLOCK), val[1: full * BLOCK + 1].view(full, BLOCK)
     total = sum(model(x[i:i + 256], y[i:i + 256]).sum().item() for i in range(0, full, 256))
@@ -101,7 +101,7 @@ def main() -> None:
         return torch.stack([data[i:i + BLOCK] for i in ix]), torch.stack([data[i + 1:i + 1 + BLOCK] for i in ix])
 
     model = GPT(len(chars))
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())  # the tied embedding once
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": WD},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=LR, betas=BETAS)
