@@ -55,3 +55,22 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def restore_params(workdir: str | Path, step: int | None, abstract_params: Any) -> Any:
+    """Only the parameters of a run's checkpoint (latest, or ``step``), laid out like
+    ``abstract_params`` (shapes and shardings): the start of a run from another (``init.from``),
+    which keeps neither the optimizer state nor the data position."""
+    ckpt = Checkpointer(workdir)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None or step not in ckpt.all_steps():
+            have = ", ".join(map(str, ckpt.all_steps())) or "none"
+            raise FileNotFoundError(f"init.from: no checkpoint for step {step} in {ckpt.directory} (have: {have}): "
+                                    f"pass WORKDIR@STEP with one of those")
+        restore_args = ocp.checkpoint_utils.construct_restore_args({"params": abstract_params})
+        item = ocp.args.PyTreeRestore(item={"params": abstract_params}, restore_args=restore_args,
+                                      partial_restore=True)
+        return ckpt.manager.restore(step, args=ocp.args.Composite(state=item))["state"]["params"]
+    finally:
+        ckpt.close()

@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train an experiment: lmstack train NAME[:arg] --workdir W [--config.a.b=v]")
     t.add_argument("experiment", help="NAME or NAME:arg (experiments/NAME.py:get_config(arg))")
     t.add_argument("--workdir", required=True, help="run directory; re-running resumes from its checkpoint")
+    t.add_argument("--accept-changed-data", action="store_true",
+                   help="resume even though the data's token stream differs from the one the run started on")
 
     e = sub.add_parser("eval", help="evaluate a saved checkpoint: lmstack eval NAME --workdir W [--step S]")
     e.add_argument("experiment", nargs="?", help="the experiment the workdir was trained with (checked)")
@@ -88,7 +90,8 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
         from lmstack.train import train
 
         cfg = config_lib.load_config(args.experiment, overrides)
-        train(cfg, args.workdir)  # an interrupted (SIGTERM) run has saved and exits cleanly too
+        # an interrupted (SIGTERM) run has saved and exits cleanly too
+        train(cfg, args.workdir, accept_changed_data=args.accept_changed_data)
         return 0
     if args.command == "eval":
         from lmstack.evaluate import evaluate

@@ -1,8 +1,11 @@
 """Finding experiments, loading their configs, overriding, validating and saving them.
 
 An experiment is a file ``experiments/NAME.py`` whose ``get_config(arg)`` returns a
-ConfigDict built from :func:`lmstack.configs.base.base_config`. The loaded config is
-locked, so a typo in an override is an error naming the closest valid keys.
+ConfigDict built from :func:`lmstack.configs.base.base_config`. The loader composes the
+plug-in sections (``model``, ``objective``, ``eval.NAME``) from the chosen plug-ins' own
+keys (:func:`compose`), locks the result, applies ``--config.a.b=v`` overrides and checks
+every name and value, all before anything is written: a typo is an error naming the
+closest valid keys, a key the chosen plug-in lacks an error naming the plug-in and its keys.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any, Sequence
 import ml_collections as mlc
 
 import lmstack
+from lmstack import registry
 from lmstack.configs.base import base_config
 
 # Keys that do not change a run's results, so they may differ when resuming. name and arg
@@ -28,12 +32,13 @@ from lmstack.configs.base import base_config
 RESUME_SAFE_KEYS = ("name", "arg", "train.progress", "train.log_every", "checkpoint.keep", "checkpoint.async_save")
 RESUME_SAFE_PREFIXES = ("sample.", "log.", "eval.")
 _CHOICES = {
-    "model.style": ("llama", "gpt2"),
-    "model.dtype": ("float32", "bfloat16"),
-    "model.remat": ("none", "full", "dots"),
     "optimizer.schedule": ("cosine", "linear", "constant"),
     "data.tokenizer.kind": ("sentencepiece", "byte", "char"),
 }
+# (section, registry kind): the config sections a plug-in owns; eval.NAME is handled apart.
+PLUGIN_SECTIONS = (("model", "model"), ("objective", "objective"))
+# Overrides that choose plug-ins: applied before the sections are composed.
+_CHOOSING_KEYS = ("model.name", "objective.name", "eval.names")
 _POSITIVE = ("train.steps", "train.batch_size", "train.microbatches", "data.seq_len",
              "model.d_model", "model.n_layers", "model.n_heads", "model.scan_unroll")
 _NON_NEGATIVE = ("model.vocab_size", "model.n_kv_heads", "model.head_dim", "model.d_ff",  # 0: derived
@@ -220,6 +225,11 @@ def apply_overrides(cfg: mlc.ConfigDict, overrides: Sequence[str]) -> dict[str, 
         for part in parts[:-1]:
             node = node.get(part) if isinstance(node, mlc.ConfigDict) else None
         if not isinstance(node, mlc.ConfigDict) or parts[-1] not in node:
+            owner = _plugin_owner(cfg, parts)
+            if owner is not None:
+                label, keys = owner
+                raise ConfigError(f"unknown config key {key!r} ({where}): {label} has no key {parts[-1]!r}; "
+                                  f"its keys: {', '.join(keys)}")
             raise ConfigError(f"unknown config key {key!r} ({where}): "
                               f"closest valid keys: {_closest(key, leaves)}")
         if isinstance(node[parts[-1]], mlc.ConfigDict):
@@ -235,8 +245,96 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _plugin_owner(cfg: mlc.ConfigDict, parts: Sequence[str]) -> tuple[str, list[str]] | None:
+    """(``model.decoder``, its keys) when ``parts`` points into a plug-in's section."""
+    for section, kind in PLUGIN_SECTIONS:
+        if parts[0] == section and len(parts) == 2 and section in cfg:
+            return f"{kind}.{cfg[section].name}", sorted(k for k in cfg[section] if k != "name")
+    if (parts[0] == "eval" and len(parts) == 3 and parts[1] in cfg.eval
+            and isinstance(cfg.eval[parts[1]], mlc.ConfigDict)):
+        return f"eval.{parts[1]}", sorted(cfg.eval[parts[1]])
+    return None
+
+
+def _section_for(kind: str, name: str, key: str, given: Any, source: str) -> mlc.ConfigDict:
+    """The plug-in ``kind.name``'s section: its defaults, overlaid with what ``given`` sets."""
+    plugin = registry.lookup(kind, name, key)
+    defaults = dict(getattr(plugin, "config_defaults", {}))
+    label = key.rpartition(".")[0] if kind != "eval" else key
+    section = mlc.ConfigDict({"name": name, **defaults} if kind != "eval" else defaults)
+    for k, v in dict(given).items():
+        if k == "name" and kind != "eval":
+            continue
+        if k not in defaults:
+            keys = ", ".join(sorted(defaults)) or "none"
+            raise ConfigError(f"{source} sets {label}.{k}, which {kind}.{name} does not have: "
+                              f"its keys are {keys}")
+        try:
+            section[k] = v
+        except TypeError:
+            raise ConfigError(f"{source} sets {label}.{k}={v!r}: {kind}.{name} expects "
+                              f"{type(defaults[k]).__name__} (default {defaults[k]!r})") from None
+    return section
+
+
+def compose(cfg: mlc.ConfigDict, source: str = "the config") -> mlc.ConfigDict:
+    """``cfg`` with its plug-in sections completed: ``model`` and ``objective`` get the chosen
+    plug-in's keys with their defaults, ``eval.NAME`` each chosen evaluator's; what ``cfg``
+    sets is kept. Raises ConfigError for a key the chosen plug-in (or the base config) lacks,
+    naming the plug-in and its keys, and UnknownNameError for an unregistered name;
+    ``source`` says where the values came from (the experiment file)."""
+    out = base_config()
+    for key, value in flat_items(cfg).items():
+        parts = key.split(".")
+        if parts[0] in ("model", "objective") or (parts[0] == "eval" and len(parts) > 2):
+            continue
+        node = out
+        for part in parts[:-1]:
+            node = node[part] if isinstance(node, mlc.ConfigDict) and part in node else None
+        if not isinstance(node, mlc.ConfigDict) or parts[-1] not in node:
+            raise ConfigError(f"{source} sets {key!r}, which the base config lacks: closest valid keys: "
+                              f"{_closest(key, list(flat_items(base_config())))}")
+        node[parts[-1]] = value
+    for section, kind in PLUGIN_SECTIONS:
+        given = cfg.get(section, mlc.ConfigDict())
+        out[section] = _section_for(kind, given.get("name", out[section].name), f"{section}.name", given, source)
+    names = tuple(out.eval.names)
+    for key in list(cfg.eval.keys()) if "eval" in cfg else []:
+        if isinstance(cfg.eval[key], (mlc.ConfigDict, dict)) and key not in names:
+            raise ConfigError(f"{source} sets eval.{key}, but {key!r} is not in eval.names {names}: "
+                              f"add it to eval.names or drop its settings")
+    for name in names:
+        given = cfg.eval.get(name, {}) if "eval" in cfg else {}
+        out.eval[name] = _section_for("eval", name, f"eval.{name}", given, source)
+    out.name, out.arg = cfg.get("name", ""), cfg.get("arg", "")
+    return out
+
+
+def _plugin_problems(cfg: mlc.ConfigDict, resolve_model: bool) -> list[tuple[tuple[str, ...], str]]:
+    """Choices and fit of the chosen plug-ins, and (``resolve_model``, once the rest is valid)
+    the model config the family resolves."""
+    out: list[tuple[tuple[str, ...], str]] = []
+    chosen = [(s, registry.lookup(k, cfg[s].name)) for s, k in PLUGIN_SECTIONS]
+    chosen += [(f"eval.{n}", registry.lookup("eval", n)) for n in cfg.eval.names]
+    for section, plugin in chosen:
+        node = cfg.eval[section[5:]] if section.startswith("eval.") else cfg[section]
+        for key, choices in getattr(plugin, "config_choices", {}).items():
+            if node[key] not in choices:
+                shown = ", ".join(repr(c) if c == "" else c for c in choices)
+                out.append(((f"{section}.{key}",), f"{section}.{key} is {node[key]!r}: must be one of {shown}"))
+        problems = getattr(plugin, "config_problems", None)
+        for msg in problems(cfg) if problems else ():
+            out.append(((), msg))
+    if resolve_model and not out:
+        try:  # the family's own checks (options that rule each other out), before any side effect
+            chosen[0][1].config_class.from_config(cfg.model, vocab_size=1, max_seq_len=cfg.data.seq_len)
+        except ValueError as e:
+            out.append(((), str(e)))
+    return out
+
+
 def _problems(cfg: mlc.ConfigDict) -> list[tuple[tuple[str, ...], str]]:
-    """(keys involved, message) for every semantic problem in ``cfg``."""
+    """(keys involved, message) for every semantic problem in a composed ``cfg``."""
     flat = flat_items(cfg)
     out: list[tuple[tuple[str, ...], str]] = []
     for key, choices in _CHOICES.items():
@@ -244,10 +342,10 @@ def _problems(cfg: mlc.ConfigDict) -> list[tuple[tuple[str, ...], str]]:
             out.append(((key,), f"{key} is {flat.get(key)!r}: must be one of {', '.join(choices)}"))
     n_choice_problems = len(out)
     for key in _POSITIVE:
-        if not _is_int(flat.get(key)) or flat[key] <= 0:
+        if key in flat and (not _is_int(flat[key]) or flat[key] <= 0):
             out.append(((key,), f"{key} is {flat.get(key)!r}: must be a positive int"))
     for key in _NON_NEGATIVE:
-        if not _is_int(flat.get(key)) or flat[key] < 0:
+        if key in flat and (not _is_int(flat[key]) or flat[key] < 0):
             out.append(((key,), f"{key} is {flat.get(key)!r}: must be an int >= 0 (0 derives it)"))
     if len(out) > n_choice_problems:  # the arithmetic below needs the ints checked above
         return out
@@ -258,11 +356,11 @@ def _problems(cfg: mlc.ConfigDict) -> list[tuple[tuple[str, ...], str]]:
         out.append((("train.batch_size", "train.microbatches"),
                     f"train.batch_size={bs} is not divisible by train.microbatches={mb}: "
                     f"set train.batch_size={up} or train.microbatches={fit}"))
-    if m.n_kv_heads > 0 and m.n_heads % m.n_kv_heads:
+    if "n_kv_heads" in m and m.n_kv_heads > 0 and m.n_heads % m.n_kv_heads:
         out.append((("model.n_heads", "model.n_kv_heads"),
                     f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}: "
                     f"pick n_kv_heads dividing n_heads (0 means n_heads)"))
-    if m.head_dim == 0 and m.d_model % m.n_heads:
+    if "head_dim" in m and m.head_dim == 0 and m.d_model % m.n_heads:
         out.append((("model.d_model", "model.n_heads"),
                     f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}: "
                     f"change one, or set model.head_dim explicitly"))
@@ -277,33 +375,19 @@ def _problems(cfg: mlc.ConfigDict) -> list[tuple[tuple[str, ...], str]]:
     if len(rest) > 1:
         out.append((tuple(rest),
                     f"{', '.join(rest)} are each -1: at most one mesh axis may take the remaining devices"))
-    return out
+    return out + _plugin_problems(cfg, resolve_model=not out)
 
 
 def validate(cfg: mlc.ConfigDict) -> None:
-    """Raise ConfigError naming every invalid value; model/objective names are the registry's job."""
+    """Raise ConfigError naming every invalid value of a composed config (see :func:`compose`)."""
     problems = _problems(cfg)
     if problems:
         raise ConfigError("invalid config: " + "; ".join(msg for _, msg in problems))
 
 
-def _check_added_keys(cfg: mlc.ConfigDict, source: str) -> None:
-    """Experiments change values and never add keys, so an added key is a typo.
-
-    The exception is a whole new section under ``eval``: an evaluator's own settings.
-    """
-    base_cfg = base_config()
-    base = flat_items(base_cfg)
-    for key in flat_items(cfg):
-        parts = key.split(".")
-        evaluator = parts[0] == "eval" and len(parts) > 2 and parts[1] not in base_cfg.eval
-        if key not in base and not evaluator:
-            raise ConfigError(f"{source} sets {key!r}, which the base config lacks: closest valid keys: "
-                              f"{_closest(key, list(base))} (experiments change values, never add keys)")
-
-
 def load_config(spec: str, overrides: Sequence[str] = ()) -> mlc.ConfigDict:
-    """Load ``NAME`` or ``NAME:arg``, lock it, apply ``--config.a.b=v`` overrides, and validate."""
+    """Load ``NAME`` or ``NAME:arg``: compose the plug-in sections, lock, apply ``--config.a.b=v``
+    overrides, and validate every name and value. Nothing is written."""
     name, colon, arg = spec.partition(":")
     module = import_experiment(name)
     source = _show(Path(module.__file__))
@@ -312,28 +396,36 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> mlc.ConfigDict:
         raise ConfigError(f"{source} defines no get_config(arg=None): "
                           f"add one returning base_config() with your changes")
     try:
-        cfg = get_config(arg if colon else None)
+        raw = get_config(arg if colon else None)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
-    if not isinstance(cfg, mlc.ConfigDict):
-        raise ConfigError(f"{source}: get_config returned {type(cfg).__name__}, not a ConfigDict: "
+    if not isinstance(raw, mlc.ConfigDict):
+        raise ConfigError(f"{source}: get_config returned {type(raw).__name__}, not a ConfigDict: "
                           f"build it from base_config()")
-    _check_added_keys(cfg, source)
+    split = _split_overrides(overrides)
+    choosing = [text for key, _, text in split if key in _CHOOSING_KEYS]
+    with raw.unlocked():
+        applied = apply_overrides(raw, choosing)
+    cfg = compose(raw, source)
     cfg.name, cfg.arg = name, arg
     cfg.lock()
-    applied = apply_overrides(cfg, overrides)
+    applied.update(apply_overrides(cfg, [text for key, _, text in split if key not in _CHOOSING_KEYS]))
     problems = _problems(cfg)
     if problems:
-        base, flat = flat_items(base_config()), flat_items(cfg)
+        defaults = flat_items(compose(base_config()))
+        flat = flat_items(cfg)
 
         def origin(key: str) -> str:
             if key in applied:
                 return f"from {applied[key]}"
-            return f"set in {source}" if base.get(key, object()) != flat[key] else "the base default"
+            return f"set in {source}" if defaults.get(key, object()) != flat[key] else "the default"
 
-        raise ConfigError(f"invalid config {spec!r}: " + "; ".join(
-            f"{msg} ({origin(keys[0]) if len(keys) == 1 else ', '.join(f'{k} is {origin(k)}' for k in keys)})"
-            for keys, msg in problems))
+        def where(keys: tuple[str, ...]) -> str:
+            if not keys:
+                return ""
+            return f" ({origin(keys[0]) if len(keys) == 1 else ', '.join(f'{k} is {origin(k)}' for k in keys)})"
+
+        raise ConfigError(f"invalid config {spec!r}: " + "; ".join(f"{msg}{where(keys)}" for keys, msg in problems))
     return cfg
 
 
@@ -352,24 +444,18 @@ def save_config(cfg: mlc.ConfigDict, workdir: str | os.PathLike) -> Path:
 
 
 def load_saved_config(workdir: str | os.PathLike) -> mlc.ConfigDict:
-    """Read ``workdir/config.json`` back into a locked ConfigDict typed like the base config."""
+    """Read ``workdir/config.json`` back into a locked ConfigDict composed like the loader's
+    (plug-in sections included), so values keep their types."""
     path = Path(workdir) / "config.json"
     if not path.is_file():
         raise ConfigError(f"no config.json in {str(workdir)!r}: "
                           f"is this a workdir written by `lmstack train`?")
     try:
-        saved = json.loads(path.read_text())
+        saved = mlc.ConfigDict(json.loads(path.read_text()))
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path} line {e.lineno}: not valid JSON ({e.msg}): "
                           f"restore it or pick a new --workdir") from None
-    cfg = base_config()
-    for key, value in flat_items(mlc.ConfigDict(saved)).items():
-        node, parts = cfg, key.split(".")
-        for part in parts[:-1]:
-            if part not in node:  # a section the base lacks, e.g. an evaluator's settings
-                node[part] = mlc.ConfigDict()
-            node = node[part]
-        node[parts[-1]] = value  # ConfigDict casts to the base type: list -> tuple, int -> float
+    cfg = compose(saved, str(path))  # ConfigDict casts to the defaults' types: list -> tuple, int -> float
     cfg.lock()
     return cfg
 

@@ -2,7 +2,8 @@
 
 The whole generation (prefill + a ``lax.scan`` over new tokens) is one compiled function.
 Sampling is greedy (temperature 0) or temperature sampling restricted by top-k and/or
-top-p (nucleus).
+top-p (nucleus). :func:`generate_sliding` generates past the model's context window the
+way nanoGPT does, conditioning on the most recent tokens.
 """
 
 from __future__ import annotations
@@ -83,3 +84,43 @@ def generate(
         top_k=int(top_k),
         top_p=float(top_p),
     )
+
+
+def generate_sliding(
+    model: nnx.Module,
+    prompt_bt: Array,
+    *,
+    max_new_tokens: int,
+    rng: Array,
+    window: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> Array:
+    """``max_new_tokens`` tokens (b, n) however long, conditioning on at most ``window`` tokens.
+
+    Within the window this is :func:`generate` (same tokens for the same ``rng``). Past it the
+    context slides in chunks, as nanoGPT crops its conditioning to the block size: the last
+    ``window - window // 4`` tokens are prefilled again and up to ``window // 4`` more are decoded,
+    so every token is conditioned on between 3/4 of the window and all of it (nanoGPT: all of
+    it, at the cost of one full forward pass per token). A prompt longer than the window is
+    cropped to its last ``window`` tokens the same way."""
+    if window < 2:
+        raise ValueError(f"window={window}: need at least 2 tokens of context")
+    chunk = max(1, window // 4)
+    keep = window - chunk
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    ctx = jnp.asarray(prompt_bt, jnp.int32)
+    if ctx.shape[1] > window:
+        ctx = ctx[:, -window:]
+    out, remaining, i = [], max_new_tokens, 0
+    while remaining > 0:
+        if ctx.shape[1] >= window:
+            ctx = ctx[:, -keep:]
+        n = min(remaining, window - ctx.shape[1])
+        new = generate(model, ctx, max_new_tokens=n, rng=rng if i == 0 else jax.random.fold_in(rng, i), **sampling)
+        out.append(new)
+        ctx = jnp.concatenate([ctx, new], axis=1)
+        remaining -= n
+        i += 1
+    return jnp.concatenate(out, axis=1) if out else jnp.zeros((ctx.shape[0], 0), jnp.int32)

@@ -57,20 +57,12 @@ def train_step_flops(cfg, workdir) -> float:
     step really computes, whatever the model family and objective."""
     from pathlib import Path
 
-    from lmstack import registry
-    from lmstack.run import build_mesh, load_data, state_layout
-    from lmstack.sharding import batch_sharding
-    from lmstack.step import compile_train_step
+    from lmstack.run import Run
 
-    cfg = cfg.copy_and_resolve_references()
-    mesh = build_mesh(cfg)
-    data = load_data(cfg, Path(workdir) / cfg.name)
-    objective = registry.lookup("objective", cfg.objective.name, "objective.name")(cfg)
-    _, _, tx, schedule, graphdef, abstract, shardings = state_layout(cfg, cfg.model.vocab_size, mesh)
-    bsh = batch_sharding(mesh)
-    step = compile_train_step(graphdef, tx, schedule, objective, cfg.train.microbatches, shardings, bsh)
-    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in next(objective.train_batches(data)).items()}
-    with jax.set_mesh(mesh):
-        cost = step.lower(abstract, batch, jax.random.key(0)).compile().cost_analysis()
+    run, data = Run.for_training(cfg, Path(workdir) / cfg.name)
+    step = run.train_step()
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in next(run.objective.train_batches(data)).items()}
+    with jax.set_mesh(run.mesh):
+        cost = step.lower(run.abstract, batch, jax.random.key(0)).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost["flops"])

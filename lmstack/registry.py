@@ -22,14 +22,21 @@ _ENTRIES: dict[str, Any] = {}
 _BUILTIN_PACKAGES = ("lmstack.models", "lmstack.objectives", "lmstack.evals", "lmstack.data")
 
 
-def register(name: str) -> Callable[[T], T]:
-    """Decorator: ``@register("objective.causal_lm")`` records the decorated object."""
+def register(name: str, **attributes: Any) -> Callable[[T], T]:
+    """Decorator: ``@register("objective.causal_lm")`` records the decorated object.
+
+    ``attributes`` are set on it, for plug-ins that are plain functions (evaluators):
+    ``config_defaults`` (its config section's keys and defaults), ``config_choices``
+    (allowed values of string keys) and ``config_problems(cfg) -> list[str]`` (settings it
+    cannot work with, reported at load)."""
     if "." not in name:
         raise ValueError(f"registry name {name!r} must be namespaced, e.g. 'objective.{name}'")
 
     def wrap(obj: T) -> T:
         if name in _ENTRIES and _ENTRIES[name] is not obj:
             raise ValueError(f"registry name {name!r} is already taken by {_ENTRIES[name]!r}")
+        for key, value in attributes.items():
+            setattr(obj, key, value)
         _ENTRIES[name] = obj
         return obj
 

@@ -1,7 +1,15 @@
-"""What train, eval and sample share: a run's data, tokenizer, mesh and train-state layout.
+"""The run: one object that train, eval, sample, chat, export and the tools assemble from
+``(config, workdir)``.
 
-A run is identified by its workdir. Training fills it (``config.json``, ``tokenizer/``,
-``checkpoints/``, ``metrics.jsonl``, ``tb/``); eval and sample read only from it.
+A :class:`Run` holds the mesh, the run spec (tokenizer, reserved ids, resolved model
+config), the model factory and its config, the optimizer, the train-state layout and its
+shardings, and the objective. Training fills the workdir (``config.json``,
+``run_spec.json``, ``tokenizer/``, ``checkpoints/``, ``metrics.jsonl``, ``tb/``); every
+other command reads only from it (:meth:`Run.open`).
+
+Nothing is written before the whole run is assembled and checked: a bad option, a bad
+``init.from`` or a mesh that does not fit fails first, and a workdir that holds no
+checkpoint is never locked to an earlier config.
 """
 
 from __future__ import annotations
@@ -12,16 +20,20 @@ from typing import Any
 
 import jax
 import ml_collections as mlc
+from flax import nnx
 from jax.sharding import Mesh
 
 from lmstack import registry
-from lmstack.config import ConfigError
+from lmstack.config import ConfigError, check_resume, load_saved_config, save_config
 from lmstack.data.pipeline import TokenStream, split_stream, tokenize_documents
 from lmstack.data.sources import load_documents
-from lmstack.data.tokenizers import Tokenizer, build_tokenizer, load_tokenizer, save_tokenizer
+from lmstack.data.tokenizers import Tokenizer, build_tokenizer
+from lmstack.init_from import InitSource, inherit, open_parent, parse_init_from, resize_vocab, with_shapes
 from lmstack.optim import make_optimizer
-from lmstack.sharding import MeshError, data_parallel_size, make_mesh
-from lmstack.trainstate import abstract_state, model_factory
+from lmstack.runspec import RunSpec, fresh_spec, stream_digest
+from lmstack.sharding import MeshError, batch_sharding, data_parallel_size, make_mesh
+from lmstack.step import compile_eval_step, compile_train_step
+from lmstack.trainstate import abstract_state, build_model_factory, init_state
 
 
 @dataclasses.dataclass
@@ -29,38 +41,6 @@ class RunData:
     tokenizer: Tokenizer
     train: TokenStream
     val: TokenStream
-
-
-def load_data(cfg: mlc.ConfigDict, workdir: Path) -> RunData:
-    """Documents -> tokenizer (the workdir's own if it has one) -> token stream -> split.
-
-    Also resolves ``model.vocab_size`` (0: the tokenizer's size plus the ids the objective
-    reserves at the top, e.g. span-corruption sentinels)."""
-    documents = load_documents(cfg.data)
-    tok_dir = workdir / "tokenizer"
-    if (tok_dir / "tokenizer.json").is_file():
-        tokenizer = load_tokenizer(tok_dir)
-    else:
-        tokenizer = build_tokenizer(cfg.data, documents)
-        save_tokenizer(tokenizer, tok_dir)
-    resolve_vocab(cfg, tokenizer, tok_dir)
-    train, val = split_stream(tokenize_documents(documents, tokenizer), cfg.data.val_fraction, seq_len=cfg.data.seq_len)
-    return RunData(tokenizer, train, val)
-
-
-def resolve_vocab(cfg: mlc.ConfigDict, tokenizer: Tokenizer, where: Path) -> None:
-    """The model's vocabulary must cover every id the tokenizer and the objective use."""
-    extra = registry.lookup("objective", cfg.objective.name, "objective.name").extra_tokens(cfg)
-    needed = tokenizer.vocab_size + extra
-    v = cfg.model.vocab_size
-    if v and v < needed:
-        reserved = f" + {extra} reserved by objective {cfg.objective.name}" if extra else ""
-        raise ConfigError(
-            f"model.vocab_size={v} is smaller than the tokenizer's {tokenizer.vocab_size} tokens{reserved} ({where}): "
-            f"set --config.model.vocab_size=0 to take the tokenizer's size, or use a matching tokenizer"
-        )
-    with cfg.unlocked():
-        cfg.model.vocab_size = v or needed
 
 
 def check_batch(batch_size: int, mesh: Mesh, key: str, microbatches: int = 1) -> None:
@@ -90,43 +70,145 @@ def build_mesh(cfg: mlc.ConfigDict) -> Mesh:
     return mesh
 
 
-def state_layout(cfg: mlc.ConfigDict, vocab_size: int, mesh: Mesh):
-    """(make_model, model config, tx, schedule, graphdef, abstract state, shardings)."""
-    make_model, mcfg = model_factory(cfg, vocab_size)
-    tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
-    graphdef, abstract, shardings = abstract_state(make_model, tx, mesh)
-    return make_model, mcfg, tx, schedule, graphdef, abstract, shardings
+def has_checkpoint(workdir: Path) -> bool:
+    """Whether ``workdir`` holds a finished checkpoint (orbax names them by step)."""
+    d = workdir / "checkpoints"
+    return d.is_dir() and any(p.is_dir() and p.name.isdigit() for p in d.iterdir())
 
 
-def restore_checkpoint(cfg: mlc.ConfigDict, workdir: Path, step: int | None, mesh: Mesh):
-    """(graphdef, state, shardings) of a saved checkpoint (latest, or ``step``), laid out on ``mesh``."""
-    from lmstack.checkpoint import Checkpointer
-
-    _, _, _, _, graphdef, abstract, shardings = state_layout(cfg, cfg.model.vocab_size, mesh)
-    ckpt = Checkpointer(workdir)
-    try:
-        state = ckpt.restore(step, abstract)
-    finally:
-        ckpt.close()
-    return graphdef, state, shardings
+def tokenize(documents: list[str], tokenizer: Tokenizer, cfg: mlc.ConfigDict) -> RunData:
+    train, val = split_stream(tokenize_documents(documents, tokenizer), cfg.data.val_fraction,
+                              seq_len=cfg.data.seq_len)
+    return RunData(tokenizer, train, val)
 
 
-def describe(cfg: mlc.ConfigDict, mcfg: Any, n_params: int, mesh: Mesh, train_tokens: int) -> str:
-    """The derived values printed at the start of a run."""
-    seq = cfg.data.seq_len
-    tokens_per_step = cfg.train.batch_size * seq
-    total = tokens_per_step * cfg.train.steps
-    fpt = mcfg.flops_per_token(seq)
-    mesh_s = " ".join(f"{k}={v}" for k, v in mesh.shape.items())
-    lines = [
-        f"lmstack {cfg.name}{':' + cfg.arg if cfg.arg else ''}: {jax.device_count()} {jax.default_backend()} "
-        f"device(s), mesh {mesh_s}",
-        f"  parameters       {n_params:,}",
-        f"  tokens per step  {tokens_per_step:,} (batch {cfg.train.batch_size} x seq {seq}"
-        f"{f', {cfg.train.microbatches} microbatches' if cfg.train.microbatches > 1 else ''})",
-        f"  FLOPs per token  {fpt:,.0f} (train, 6N + attention)",
-        f"  total tokens     {total:,} over {cfg.train.steps:,} steps "
-        f"({total / max(train_tokens, 1):.2f} epochs of {train_tokens:,} training tokens)",
-        f"  total FLOPs      {fpt * total:.3g}",
-    ]
-    return "\n".join(lines)
+class Run:
+    """A run assembled from its config and spec on a mesh (see the module docstring)."""
+
+    def __init__(self, cfg: mlc.ConfigDict, workdir: str | Path, spec: RunSpec, mesh: Mesh):
+        self.cfg, self.workdir, self.spec, self.mesh = cfg, Path(workdir), spec, mesh
+        self.model_cls = registry.lookup("model", spec.model["name"], "model.name")
+        self.make_model, self.model_cfg = build_model_factory(spec.model_section(), vocab_size=spec.vocab_size,
+                                                              max_seq_len=cfg.data.seq_len, seed=cfg.train.seed)
+        self.tx, self.schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
+        self.graphdef, self.abstract, self.shardings = abstract_state(self.make_model, self.tx, mesh)
+        self.objective = registry.lookup("objective", cfg.objective.name, "objective.name")(cfg, spec.special_ids)
+        self.batch_sharding = batch_sharding(mesh)
+
+    # --- assembling ------------------------------------------------------------------
+
+    @classmethod
+    def for_training(cls, cfg: mlc.ConfigDict, workdir: str | Path, *,
+                     accept_changed_data: bool = False) -> tuple["Run", RunData]:
+        """The run ``lmstack train`` resumes (a checkpoint in ``workdir``) or starts: decides the
+        spec (from ``init.from`` or scratch), loads and tokenizes the data, checks a resume
+        against the saved config and data, and only then writes config and spec."""
+        workdir = Path(workdir)
+        mesh = build_mesh(cfg)
+        source = parse_init_from(cfg.init["from"])
+        resuming = has_checkpoint(workdir)
+        if resuming:
+            check_resume(cfg, workdir)
+            spec = RunSpec.load(workdir)
+        else:
+            spec = None
+        documents = load_documents(cfg.data)
+        if spec is None:
+            spec = decide_spec(cfg, source, documents)
+        data = tokenize(documents, spec.tokenizer, cfg)
+        digest = stream_digest(data.train.tokens, data.val.tokens)
+        if resuming and spec.data_digest and spec.data_digest != digest and not accept_changed_data:
+            raise ConfigError(
+                f"the data of {cfg.data.source!r} (data.path={cfg.data.path!r}) changed since the run in "
+                f"{str(workdir)!r} started (its token stream differs): the saved data position would point into "
+                f"other text; restore the data, pick a new --workdir, or pass --accept-changed-data to resume anyway")
+        spec = dataclasses.replace(spec, data_digest=digest)
+        run = cls(cfg, workdir, spec, mesh)  # builds the layout: fails before anything is written
+        workdir.mkdir(parents=True, exist_ok=True)
+        spec.save(workdir)
+        save_config(cfg, workdir)
+        return run, data
+
+    @classmethod
+    def open(cls, workdir: str | Path, cfg: mlc.ConfigDict | None = None, mesh: Mesh | None = None) -> "Run":
+        """The run saved in ``workdir`` (config and spec), for eval, sample, chat and export;
+        ``cfg`` overrides the saved config (e.g. evaluator settings), ``mesh`` the mesh."""
+        workdir = Path(workdir)
+        cfg = load_saved_config(workdir) if cfg is None else cfg
+        spec = RunSpec.load(workdir)
+        return cls(cfg, workdir, spec, build_mesh(cfg) if mesh is None else mesh)
+
+    def load_data(self) -> RunData:
+        """The run's documents, tokenized with its own tokenizer (for evaluation)."""
+        return tokenize(load_documents(self.cfg.data), self.spec.tokenizer, self.cfg)
+
+    # --- state -----------------------------------------------------------------------
+
+    def init_state(self) -> dict:
+        """A fresh train state: initialised, or with the parameters of ``init.from`` (and a
+        fresh optimizer), each tensor placed straight into its sharding."""
+        _, state, _ = init_state(self.make_model, self.tx, self.mesh)
+        source = parse_init_from(self.cfg.init["from"])
+        if source.kind == "scratch":
+            return state
+        parent = open_parent(source)
+        target = self.abstract["params"]
+        with jax.set_mesh(self.mesh):
+            loaded = parent.load_params(with_shapes(target, parent.spec.vocab_size, self.spec.vocab_size))
+            state["params"] = resize_vocab(loaded, target)
+            state["opt_state"] = jax.jit(self.tx.init, out_shardings=self.shardings["opt_state"])(state["params"])
+        return state
+
+    def restore(self, step: int | None = None, data_iterator: Any | None = None) -> dict:
+        """The checkpointed state at ``step`` (default: latest), and the iterator's position in place."""
+        from lmstack.checkpoint import Checkpointer
+
+        ckpt = Checkpointer(self.workdir)
+        try:
+            return ckpt.restore(step, self.abstract, data_iterator)
+        finally:
+            ckpt.close()
+
+    def model(self, state: dict) -> nnx.Module:
+        """The model with ``state``'s weights."""
+        return nnx.merge(self.graphdef, state["params"], state["frozen"])
+
+    # --- compiled steps --------------------------------------------------------------
+
+    def train_step(self):
+        return compile_train_step(self.graphdef, self.tx, self.schedule, self.objective, self.cfg.train.microbatches,
+                                  self.shardings, self.batch_sharding)
+
+    def eval_step(self):
+        return compile_eval_step(self.graphdef, self.objective, self.shardings, self.batch_sharding)
+
+    def describe(self, n_params: int, train_tokens: int) -> str:
+        """The derived values printed at the start of a run."""
+        cfg, seq = self.cfg, self.cfg.data.seq_len
+        tokens_per_step = cfg.train.batch_size * seq
+        total = tokens_per_step * cfg.train.steps
+        fpt = self.model_cfg.flops_per_token(seq)
+        mesh_s = " ".join(f"{k}={v}" for k, v in self.mesh.shape.items())
+        lines = [
+            f"lmstack {cfg.name}{':' + cfg.arg if cfg.arg else ''}: {jax.device_count()} {jax.default_backend()} "
+            f"device(s), mesh {mesh_s}",
+            f"  init from        {self.spec.lineage.get('from', 'scratch')}",
+            f"  parameters       {n_params:,}",
+            f"  vocabulary       {self.spec.vocab_size:,} ({self.spec.tokenizer.kind} tokenizer "
+            f"{self.spec.tokenizer.vocab_size:,} + {len(self.spec.special_ids)} reserved)",
+            f"  tokens per step  {tokens_per_step:,} (batch {cfg.train.batch_size} x seq {seq}"
+            f"{f', {cfg.train.microbatches} microbatches' if cfg.train.microbatches > 1 else ''})",
+            f"  FLOPs per token  {fpt:,.0f} (train, 6N + attention)",
+            f"  total tokens     {total:,} over {cfg.train.steps:,} steps "
+            f"({total / max(train_tokens, 1):.2f} epochs of {train_tokens:,} training tokens)",
+            f"  total FLOPs      {fpt * total:.3g}",
+        ]
+        return "\n".join(lines)
+
+
+def decide_spec(cfg: mlc.ConfigDict, source: InitSource, documents: list[str]) -> RunSpec:
+    """A new run's spec: inherited from ``init.from``, or fresh (training the tokenizer if needed)."""
+    special = tuple(registry.lookup("objective", cfg.objective.name, "objective.name").special_tokens(cfg))
+    if source.kind != "scratch":
+        return inherit(cfg, open_parent(source).spec, source, special)
+    return fresh_spec(cfg, build_tokenizer(cfg.data, documents), special)

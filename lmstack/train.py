@@ -21,17 +21,13 @@ import ml_collections as mlc
 from flax import nnx
 from tqdm import tqdm
 
-from lmstack import registry
 from lmstack.checkpoint import Checkpointer
-from lmstack.config import check_resume, save_config
 from lmstack.evals.base import EvalContext, run_evaluators
 from lmstack.metrics_log import MetricsWriter
 from lmstack.perf import mfu
-from lmstack.run import build_mesh, describe, load_data, state_layout
+from lmstack.run import Run, RunData
 from lmstack.sample import continue_text, encode_prompt
-from lmstack.sharding import batch_sharding
-from lmstack.step import compile_eval_step, compile_train_step
-from lmstack.trainstate import init_state, param_count
+from lmstack.trainstate import param_count
 
 
 class _StopFlag:
@@ -58,33 +54,29 @@ def _say(msg: str) -> None:
     tqdm.write(msg, file=sys.stdout)
 
 
-def train(cfg: mlc.ConfigDict, workdir: str | Path) -> dict[str, Any]:
-    """Train ``cfg`` in ``workdir`` (resuming if it holds a checkpoint); returns a summary."""
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    mesh = build_mesh(cfg)
-    data = load_data(cfg, workdir)
-    check_resume(cfg, workdir)
-    save_config(cfg, workdir)
+def train(cfg: mlc.ConfigDict, workdir: str | Path, *, accept_changed_data: bool = False) -> dict[str, Any]:
+    """Train ``cfg`` in ``workdir`` (resuming if it holds a checkpoint); returns a summary.
 
-    make_model, mcfg, tx, schedule, graphdef, abstract, shardings = state_layout(cfg, cfg.model.vocab_size, mesh)
-    objective = registry.lookup("objective", cfg.objective.name, "objective.name")(cfg)
+    ``accept_changed_data`` resumes even though the data's token stream differs from the one
+    the run started on (otherwise a ConfigError)."""
+    workdir = Path(workdir)
+    run, data = Run.for_training(cfg, workdir, accept_changed_data=accept_changed_data)
+    mesh, objective, abstract, bsh = run.mesh, run.objective, run.abstract, run.batch_sharding
     ckpt = Checkpointer(workdir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     train_iter = objective.train_batches(data)
     if ckpt.latest_step() is not None:
         state = ckpt.restore(None, abstract, train_iter)
         _say(f"resumed from {ckpt.directory} at step {int(state['step'])}")
     else:
-        _, state, _ = init_state(make_model, tx, mesh)
-    _say(describe(cfg, mcfg, param_count(abstract), mesh, len(data.train)))
+        state = run.init_state()
+    _say(run.describe(param_count(abstract), len(data.train)))
 
-    bsh = batch_sharding(mesh)
-    step_fn = compile_train_step(graphdef, tx, schedule, objective, cfg.train.microbatches, shardings, bsh)
-    eval_fn = compile_eval_step(graphdef, objective, shardings, bsh)
+    step_fn = run.train_step()
+    eval_fn = run.eval_step()
     val_batches = objective.eval_batches(data)
     writer = MetricsWriter(workdir, jsonl=cfg.log.jsonl, tensorboard=cfg.log.tensorboard)
     config_json = cfg.to_dict()
-    fpt = mcfg.flops_per_token(cfg.data.seq_len)
+    fpt = run.model_cfg.flops_per_token(cfg.data.seq_len)
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     base_rng = jax.random.key(cfg.train.seed)
 
@@ -93,7 +85,7 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path) -> dict[str, Any]:
             ctx = EvalContext(
                 cfg=cfg, data=data, objective=objective, batches=val_batches,
                 loss_sums=lambda b: eval_fn(state, jax.device_put(b, bsh)),
-                model=lambda: nnx.merge(graphdef, state["params"], state["frozen"]),
+                model=lambda: run.model(state),
             )
             results = run_evaluators(ctx)
         if results:
@@ -155,22 +147,23 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path) -> dict[str, Any]:
         eval=eval_results,
     )
     if eval_results:
-        _say(f"held-out perplexity {eval_results['perplexity']:.3f} (loss {eval_results['loss']:.4f}) at step {step}")
-    summary["sample"] = sample_text(cfg, state, graphdef, data)
+        _say(f"final evaluation at step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in eval_results.items()))
+    summary["sample"] = sample_text(run, state, data)
     if summary["sample"] is not None:
         _say("sample: " + summary["sample"])
     return summary
 
 
-def sample_text(cfg: mlc.ConfigDict, state: dict, graphdef: Any, data: Any) -> str | None:
+def sample_text(run: Run, state: dict, data: RunData) -> str | None:
     """A continuation of ``sample.prompt`` (default: the start of the validation text), for
     models that generate with a KV cache (decoders); None for the others."""
-    if not hasattr(registry.lookup("model", cfg.model.name), "init_cache"):
+    cfg = run.cfg
+    if not hasattr(run.model_cls, "init_cache"):
         return None
     tok = data.tokenizer
     source = data.val if len(data.val) else data.train
     ids = encode_prompt(tok, cfg.sample.prompt) if cfg.sample.prompt else [int(t) for t in source.tokens[:16]]
-    model = nnx.merge(graphdef, jax.device_get(state["params"]), jax.device_get(state["frozen"]))
+    model = nnx.merge(run.graphdef, jax.device_get(state["params"]), jax.device_get(state["frozen"]))
     s = cfg.sample
     return continue_text(model, tok, ids, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                          top_k=s.top_k, top_p=s.top_p, seed=s.seed)[0]

@@ -19,12 +19,21 @@ from lmstack.sharding import replicated, state_shardings
 from lmstack.step import TrainState
 
 
-def model_factory(cfg: Any, vocab_size: int) -> tuple[Callable[[], nnx.Module], Any]:
-    """A zero-argument constructor of the configured model, and its resolved model config."""
-    model_cls = registry.lookup("model", cfg.model.name, "model.name")
-    mcfg = model_cls.config_class.from_config(cfg.model, vocab_size=vocab_size, max_seq_len=cfg.data.seq_len)
-    seed = cfg.train.seed
+def build_model_factory(model_section: Any, *, vocab_size: int, max_seq_len: int,
+                        seed: int) -> tuple[Callable[[], nnx.Module], Any]:
+    """A zero-argument constructor of the model a (composed) ``config.model`` section or a run
+    spec's model describes, and its resolved model config."""
+    model_cls = registry.lookup("model", model_section.name, "model.name")
+    mcfg = model_cls.config_class.from_config(model_section, vocab_size=vocab_size, max_seq_len=max_seq_len)
     return (lambda: model_cls(mcfg, rngs=nnx.Rngs(params=seed))), mcfg
+
+
+def model_factory(cfg: Any, vocab_size: int) -> tuple[Callable[[], nnx.Module], Any]:
+    """:func:`build_model_factory` for a whole config (its plug-in sections composed first)."""
+    from lmstack.config import compose
+
+    cfg = compose(cfg)
+    return build_model_factory(cfg.model, vocab_size=vocab_size, max_seq_len=cfg.data.seq_len, seed=cfg.train.seed)
 
 
 def _split(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:

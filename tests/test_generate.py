@@ -64,3 +64,36 @@ def test_top_k_and_top_p_restrict_the_support():
 def test_learned_positions_limit_is_a_clear_error():
     with pytest.raises(ValueError, match="exceeds the model's learned positions"):
         generate(tiny("gpt2"), jnp.zeros((1, 30), jnp.int32), max_new_tokens=5, rng=jax.random.key(0))
+
+
+def sliding_by_recomputation(model, prompt, n, window):
+    """Reference for generate_sliding (greedy): the same chunk schedule, each token computed by a
+    full forward pass over its conditioning."""
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda st, toks: nnx.merge(graphdef, st)(toks))
+    chunk, ctx, out = max(1, window // 4), np.asarray(prompt)[:, -window:], []
+    keep = window - chunk
+    while len(out) < n:
+        if ctx.shape[1] >= window:
+            ctx = ctx[:, -keep:]
+        for _ in range(min(n - len(out), window - ctx.shape[1])):
+            tok = np.asarray(jnp.argmax(forward(state, jnp.asarray(ctx))[:, -1], axis=-1))
+            out.append(tok)
+            ctx = np.concatenate([ctx, tok[:, None]], axis=1)
+    return np.stack(out, axis=1)
+
+
+@pytest.mark.parametrize("style", ["llama", "gpt2"])
+@pytest.mark.parametrize("prompt_len", [7, 40])  # inside the 32-token window, and longer than it
+def test_sliding_generation_returns_every_token_asked_for(style, prompt_len):
+    from lmstack.generate import generate_sliding
+
+    model = tiny(style)
+    prompt = jax.random.randint(jax.random.key(3), (2, prompt_len), 0, 64)
+    out = generate_sliding(model, prompt, max_new_tokens=50, rng=jax.random.key(0), window=32)
+    assert out.shape == (2, 50)
+    np.testing.assert_array_equal(np.asarray(out), sliding_by_recomputation(model, prompt, 50, 32))
+    if prompt_len + 20 <= 32:  # inside the window it is plain generate
+        np.testing.assert_array_equal(
+            np.asarray(generate_sliding(model, prompt, max_new_tokens=20, rng=jax.random.key(0), window=32)),
+            np.asarray(generate(model, prompt, max_new_tokens=20, rng=jax.random.key(0))))

@@ -21,6 +21,8 @@ from lmstack.data.sources import DataError
 from lmstack.evals.base import EvalContext, compiled_method
 from lmstack.registry import register
 
+# config.eval.linear_probe: a folder with train.tsv and dev.tsv, how many training sentences
+# to fit on, the L2 strength, L-BFGS steps, and sentences per feature batch.
 DEFAULTS = {"path": "../shared/data/sst2", "train_examples": 4000, "l2": 1e-3, "steps": 200, "batch_size": 64}
 
 
@@ -74,10 +76,10 @@ def _features(model: Any, tokenizer: Any, texts: list[str], seq_len: int, batch_
     return np.concatenate(out)
 
 
-@register("eval.linear_probe")
+@register("eval.linear_probe", config_defaults=DEFAULTS)
 def linear_probe(ctx: EvalContext) -> Iterator[tuple[str, float]]:
     """Yields dev ``accuracy`` (and ``train_accuracy``) of a linear probe on frozen features."""
-    settings = {**DEFAULTS, **dict(ctx.cfg.eval.get("linear_probe", {}))}
+    settings = ctx.cfg.eval.linear_probe
     root = Path(settings["path"])
     train_x, train_y = read_tsv(root / "train.tsv")
     dev_x, dev_y = read_tsv(root / "dev.tsv")

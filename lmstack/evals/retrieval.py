@@ -27,7 +27,14 @@ def retrieval_metrics(queries: np.ndarray, documents: np.ndarray, ks: tuple[int,
     return out
 
 
-@register("eval.retrieval")
+def _problems(cfg) -> list[str]:
+    if cfg.objective.name != "contrastive":
+        return [f"eval.names has retrieval, which embeds the held-out query/document pairs of objective.contrastive, "
+                f"but objective.name is {cfg.objective.name!r}: drop retrieval from --config.eval.names"]
+    return []
+
+
+@register("eval.retrieval", config_problems=_problems)
 def retrieval(ctx: EvalContext) -> Iterator[tuple[str, float]]:
     """Embeds the held-out pairs (``a_*`` queries, ``b_*`` documents) with the two-tower
     model and yields recall@1/5/10 and MRR over all of them."""

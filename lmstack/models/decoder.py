@@ -25,6 +25,8 @@ from flax import nnx
 from lmstack.models.layers import (
     MLP,
     REMAT_POLICIES,
+    TRANSFORMER_CHOICES,
+    TRANSFORMER_DEFAULTS,
     Attention,
     LayerNorm,
     RMSNorm,
@@ -128,6 +130,8 @@ class Decoder(nnx.Module):
     """``Decoder(cfg, rngs=...)(tokens)`` -> float32 logits ``(b, t, vocab)``."""
 
     config_class = DecoderConfig
+    config_defaults = dict(TRANSFORMER_DEFAULTS)
+    config_choices = TRANSFORMER_CHOICES
 
     def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg

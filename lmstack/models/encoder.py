@@ -31,6 +31,8 @@ from lmstack.models.layers import (
     NORMS,
     POOLINGS,
     REMAT_POLICIES,
+    TRANSFORMER_CHOICES,
+    TRANSFORMER_DEFAULTS,
     Attention,
     RelativePositionBias,
     dense,
@@ -54,6 +56,24 @@ _STYLE_DEFAULTS = {
     "llama": {"positions": "rope", "norm": "rmsnorm", "activation": "swiglu"},
     "gpt2": {"positions": "learned", "norm": "layernorm", "activation": "gelu"},
 }
+
+
+# config.model keys of the encoder (and, through it, the two towers), beyond every family's.
+ENCODER_DEFAULTS = dict(
+    TRANSFORMER_DEFAULTS,
+    positions="",  # "": from style (llama -> rope, gpt2 -> learned) | learned | rope | relative (T5 buckets)
+    norm="",  # "": from style (llama -> rmsnorm, gpt2 -> layernorm) | rmsnorm | layernorm
+    norm_position="pre",  # pre | post (BERT)
+    activation="",  # "": from style (llama -> swiglu, gpt2 -> gelu) | swiglu | geglu | gelu | relu
+    relpos_buckets=32,  # T5 relative position buckets (positions=relative)
+    relpos_max_distance=128,  # distances beyond this share the last bucket
+    type_vocab_size=0,  # token-type embeddings (BERT: 2); 0: none
+    mlm_transform=False,  # BERT MLM head: dense + GELU + norm before the tied output
+    pooler=False,  # BERT pooler: dense + tanh on the pooled vector
+    pooling="mean",  # how a sequence becomes one vector: mean | cls | last
+)
+ENCODER_CHOICES = dict(TRANSFORMER_CHOICES, positions=("",) + POSITIONS, norm=("",) + NORMS,
+                       norm_position=NORM_POSITIONS, activation=("",) + tuple(ACTIVATIONS), pooling=POOLINGS)
 
 
 def check_choice(key: str, value: Any, choices: tuple[str, ...], family: str) -> None:
@@ -210,6 +230,8 @@ class Encoder(nnx.Module):
     """
 
     config_class = EncoderConfig
+    config_defaults = ENCODER_DEFAULTS
+    config_choices = ENCODER_CHOICES
 
     def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg

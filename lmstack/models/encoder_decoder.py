@@ -28,6 +28,8 @@ from lmstack.models.layers import (
     MLP,
     NORMS,
     REMAT_POLICIES,
+    TRANSFORMER_CHOICES,
+    TRANSFORMER_DEFAULTS,
     Attention,
     RelativePositionBias,
     attention_mask,
@@ -43,6 +45,18 @@ from lmstack.sharding import constrain
 Array = jax.Array
 
 POSITIONS = ("relative", "rope")
+# config.model keys of the encoder-decoder, beyond every family's.
+ENCODER_DECODER_DEFAULTS = dict(
+    TRANSFORMER_DEFAULTS,
+    positions="",  # "": relative (T5 buckets) | relative | rope
+    norm="",  # "": from style (llama -> rmsnorm, gpt2 -> layernorm) | rmsnorm | layernorm
+    activation="",  # "": from style (llama -> swiglu, gpt2 -> gelu) | swiglu | geglu | gelu | relu
+    relpos_buckets=32,  # T5 relative position buckets (positions=relative)
+    relpos_max_distance=128,  # distances beyond this share the last bucket
+    n_encoder_layers=0,  # 0: n_layers
+    n_decoder_layers=0,  # 0: n_layers
+    share_embeddings=True,  # one token table for encoder and decoder
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +95,6 @@ class EncoderDecoderConfig:
     def from_config(cls, m: Any, *, vocab_size: int, max_seq_len: int) -> "EncoderDecoderConfig":
         """Resolve ``config.model``: ``positions=''`` means relative buckets (T5), layer
         counts of 0 mean ``n_layers``, other empty strings follow ``style``."""
-        check_choice("norm_position", m.norm_position, ("pre",), "encoder_decoder")
         activation = style_default(m, "activation")
         check_choice("activation", activation, tuple(ACTIVATIONS), "encoder_decoder")
         return cls(
@@ -171,6 +184,9 @@ class EncoderDecoder(nnx.Module):
     ``(b, t_dec, vocab)``; ``encode`` then ``decode`` is the same computation in two parts."""
 
     config_class = EncoderDecoderConfig
+    config_defaults = ENCODER_DECODER_DEFAULTS
+    config_choices = dict(TRANSFORMER_CHOICES, positions=("",) + POSITIONS, norm=("",) + NORMS,
+                          activation=("",) + tuple(ACTIVATIONS))
 
     def __init__(self, cfg: EncoderDecoderConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg

@@ -24,6 +24,36 @@ nnx.use_eager_sharding(False)
 Array = jax.Array
 
 
+# The config keys every model family has (``config.model``), with their defaults; each family
+# adds its own (``config_defaults`` on the registered class). Zeros mean "derive it".
+TRANSFORMER_DEFAULTS: dict[str, Any] = dict(
+    style="llama",  # llama (RMSNorm, RoPE, SwiGLU) | gpt2 (LayerNorm, learned positions, GELU)
+    vocab_size=0,  # 0: the tokenizer's vocabulary plus the ids the objective reserves
+    d_model=256,
+    n_layers=4,
+    n_heads=4,
+    n_kv_heads=0,  # 0: same as n_heads (no grouping)
+    head_dim=0,  # 0: d_model // n_heads
+    d_ff=0,  # 0: 4*d, or the 8/3*d gated width rounded to 64
+    max_seq_len=0,  # 0: data.seq_len
+    tie_embeddings=True,
+    use_bias=False,
+    dropout=0.0,
+    rope_theta=10000.0,
+    norm_eps=1e-5,
+    init_std=0.02,
+    dtype="float32",  # compute dtype: float32 | bfloat16 (parameters stay float32)
+    remat="none",  # none | full | dots (save matmul outputs, recompute the rest)
+    # Layers per iteration of the layer scan: 1 keeps compile time flat in depth; n_layers
+    # unrolls fully, which XLA:CPU runs ~2x faster in the backward pass.
+    scan_unroll=1,
+)
+# Keys that change how a model runs but not what its weights mean: a run started from
+# another (init.from) may set them freely.
+WEIGHT_FREE_KEYS = ("dropout", "dtype", "remat", "scan_unroll", "init_std")
+TRANSFORMER_CHOICES = {"style": ("llama", "gpt2"), "dtype": ("float32", "bfloat16"), "remat": ("none", "full", "dots")}
+
+
 def dense(x: Array, w: Array, out_dtype: jnp.dtype | None = None) -> Array:
     """``x[..., d] @ w[d, *out]`` as one 2-D matmul. Folding the leading dims into one keeps
     XLA:CPU on its GEMM path in the backward pass, where a 3-D dot fused with an elementwise

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lmstack.models.encoder import Encoder, EncoderConfig
+from lmstack.models.encoder import ENCODER_CHOICES, ENCODER_DEFAULTS, Encoder, EncoderConfig
 from lmstack.models.layers import dense, param, zeros_param
 from lmstack.registry import register
 
@@ -74,6 +74,14 @@ class TwoTower(nnx.Module):
     ``(b, projection_dim)`` each."""
 
     config_class = TwoTowerConfig
+    config_defaults = dict(
+        ENCODER_DEFAULTS,
+        share_towers=True,  # one encoder for both towers (each has its own projection)
+        projection_dim=0,  # output width of each tower's projection; 0: d_model
+        logit_scale_init=math.log(1 / 0.07),  # log similarity scale for the InfoNCE loss (CLIP)
+        logit_bias_init=-10.0,  # similarity bias for the sigmoid loss (SigLIP)
+    )
+    config_choices = ENCODER_CHOICES
 
     def __init__(self, cfg: TwoTowerConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg

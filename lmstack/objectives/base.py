@@ -14,9 +14,13 @@ trainer, evaluators and benchmarks use only this interface:
   (tokens, examples, pairs). Every other entry of ``aux`` is a sum too. The trainer divides
   by the total weight after summing over microbatches, so gradient accumulation gives
   exactly the full-batch update; evaluators sum over batches the same way.
-- ``extra_tokens(cfg)`` (classmethod): how many ids the objective reserves above the
-  tokenizer's vocabulary (sentinels, mask and mode tokens); they are the top ids of
-  ``model.vocab_size``. Default: none.
+- ``config_defaults`` (class attribute): the objective's own keys of ``config.objective``
+  with their defaults, and ``config_choices``: the allowed values of its string keys. The
+  loader composes the section from them, so a key the objective lacks is an error.
+- ``special_tokens(cfg)`` (classmethod): the names of the ids the objective reserves beyond
+  the tokenizer's vocabulary (T5 sentinels ``<extra_id_N>``, ``[MASK]``, UL2 mode tokens).
+  The run spec assigns them once (:mod:`lmstack.runspec`) and the objective is built with
+  ``special_ids`` (name -> id), so a run started from another keeps its parent's ids.
 
 Frozen extra models (a DPO reference policy, a reward model) are part of the model the
 objective is given: a wrapper model whose frozen parts hold variables that are not
@@ -27,7 +31,7 @@ never differentiated.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Protocol
+from typing import Any, Iterator, Mapping, Protocol
 
 import numpy as np
 
@@ -44,10 +48,13 @@ Aux = dict[str, jax.Array]
 
 
 class Objective(Protocol):
-    def __init__(self, cfg: Any) -> None: ...
+    config_defaults: dict[str, Any]
+    config_choices: dict[str, tuple]
+
+    def __init__(self, cfg: Any, special_ids: Mapping[str, int]) -> None: ...
 
     @classmethod
-    def extra_tokens(cls, cfg: Any) -> int: ...
+    def special_tokens(cls, cfg: Any) -> tuple[str, ...]: ...
 
     def train_batches(self, data: Any) -> Iterator[dict]: ...
 
@@ -60,12 +67,16 @@ class WindowObjective:
     """Batches of ``seq_len + 1``-token windows (``tokens``, ``segment_ids``, ``positions``)
     over the run's token stream: random windows for training, consecutive ones for eval."""
 
-    def __init__(self, cfg: Any):
+    config_defaults: dict[str, Any] = {}
+    config_choices: dict[str, tuple] = {}
+
+    def __init__(self, cfg: Any, special_ids: Mapping[str, int] | None = None):
         self.cfg = cfg
+        self.special_ids = dict(special_ids or {})
 
     @classmethod
-    def extra_tokens(cls, cfg: Any) -> int:
-        return 0
+    def special_tokens(cls, cfg: Any) -> tuple[str, ...]:
+        return ()
 
     def train_batches(self, data: Any) -> Iterator[dict]:
         c = self.cfg

@@ -14,7 +14,7 @@ shape (batch * H, seq_len). Segment id 1 marks tokens, 0 padding.
 from __future__ import annotations
 
 import sys
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import grain
 import jax
@@ -126,24 +126,31 @@ class Contrastive:
     """Two-tower contrastive training on (query, document) pairs (``data.source`` =
     ``stdlib_pairs`` or ``pairs_jsonl``), split by group so evaluation groups are unseen."""
 
-    def __init__(self, cfg: Any):
+    config_defaults = dict(
+        loss="infonce",  # infonce (in-batch softmax, CLIP) | sigmoid (SigLIP)
+        hard_negatives=0,  # extra same-group documents per query
+    )
+    config_choices = {"loss": ("infonce", "sigmoid")}
+
+    def __init__(self, cfg: Any, special_ids: Mapping[str, int] | None = None):
         self.cfg = cfg
-        o = cfg.objective
-        if o.loss not in ("infonce", "sigmoid"):
-            raise ConfigError(f"objective.loss is {o.loss!r}: must be one of infonce, sigmoid")
-        if cfg.train.microbatches != 1:
-            raise ConfigError(
-                f"train.microbatches={cfg.train.microbatches}: contrastive losses compare every pair in the batch, "
-                f"so the batch cannot be split: set --config.train.microbatches=1")
-        if cfg.train.batch_size < 2:
-            raise ConfigError(
-                f"train.batch_size={cfg.train.batch_size}: a contrastive batch needs at least 2 examples "
-                f"(the others are the negatives): raise --config.train.batch_size")
         self._split: tuple[list[Pair], list[Pair]] | None = None
 
     @classmethod
-    def extra_tokens(cls, cfg: Any) -> int:
-        return 0
+    def special_tokens(cls, cfg: Any) -> tuple[str, ...]:
+        return ()
+
+    @classmethod
+    def config_problems(cls, cfg: Any) -> list[str]:
+        """Settings this objective cannot train with, found at load time."""
+        out = []
+        if cfg.train.microbatches != 1:
+            out.append(f"train.microbatches={cfg.train.microbatches}: contrastive losses compare every pair in the "
+                       f"batch, so the batch cannot be split: set --config.train.microbatches=1")
+        if cfg.train.batch_size < 2:
+            out.append(f"train.batch_size={cfg.train.batch_size}: a contrastive batch needs at least 2 examples "
+                       f"(the others are the negatives): raise --config.train.batch_size")
+        return out
 
     def _pairs(self) -> tuple[list[Pair], list[Pair]]:
         if self._split is None:

@@ -2,16 +2,15 @@
 token per span) and/or sentence permutation; the target is the original window.
 
 ``objective.denoise`` picks ``infilling``, ``permutation`` or ``both`` (BART's best); the
-mask token is the top id of the model's vocabulary.
+mask token is the special token ``<mask>`` (BART's name), reserved above the tokenizer's vocabulary.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
-from lmstack.config import ConfigError
 from lmstack.data.noise import sentence_permutation, text_infilling
 from lmstack.data.token_table import TokenTable
 from lmstack.data.tokenizers import Tokenizer
@@ -21,17 +20,21 @@ from lmstack.registry import register
 
 @register("objective.denoising")
 class Denoising(Seq2SeqObjective):
-    def __init__(self, cfg: Any):
-        super().__init__(cfg)
-        if cfg.objective.denoise not in ("infilling", "permutation", "both"):
-            raise ConfigError(f"objective.denoise is {cfg.objective.denoise!r}: must be one of infilling, "
-                              f"permutation, both")
-        self.mask_id = cfg.model.vocab_size - 1
+    config_defaults = dict(
+        denoise="both",  # infilling | permutation | both (BART's best)
+        mask_ratio=0.3,  # fraction of tokens in masked spans (BART: 0.3)
+        poisson_lambda=3.0,  # span lengths ~ Poisson(3), as BART
+    )
+    config_choices = {"denoise": ("infilling", "permutation", "both")}
+
+    def __init__(self, cfg: Any, special_ids: Mapping[str, int]):
+        super().__init__(cfg, special_ids)
+        self.mask_id = special_ids["<mask>"]
         self.sentence_ends = np.zeros(0, np.int32)
 
     @classmethod
-    def extra_tokens(cls, cfg: Any) -> int:
-        return 1
+    def special_tokens(cls, cfg: Any) -> tuple[str, ...]:
+        return ("<mask>",)
 
     def bind(self, tokenizer: Tokenizer) -> None:
         self.sentence_ends = TokenTable(tokenizer).sentence_end_ids

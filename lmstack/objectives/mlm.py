@@ -4,7 +4,7 @@ selected positions only. [MASK] is the top id of the model's vocabulary."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import numpy as np
@@ -19,15 +19,22 @@ from lmstack.registry import register
 
 @register("objective.mlm")
 class MaskedLM(TransformedWindowObjective):
-    def __init__(self, cfg: Any):
-        super().__init__(cfg)
-        self.mask_id = cfg.model.vocab_size - 1
+    config_defaults = dict(
+        select_rate=0.15,  # BERT: 15% of tokens are selected for prediction
+        mask_rate=0.8,  # of those, 80% become [MASK]
+        random_rate=0.1,  # 10% a random token (the rest stay as they are)
+        whole_word=False,  # select whole words (BERT's whole-word masking)
+    )
+
+    def __init__(self, cfg: Any, special_ids: Mapping[str, int]):
+        super().__init__(cfg, special_ids)
+        self.mask_id = special_ids["[MASK]"]
         self.table: TokenTable | None = None
         self.special: list[int] = []
 
     @classmethod
-    def extra_tokens(cls, cfg: Any) -> int:
-        return 1
+    def special_tokens(cls, cfg: Any) -> tuple[str, ...]:
+        return ("[MASK]",)
 
     def bind(self, tok: Tokenizer) -> None:
         self.special = [i for i in (tok.bos_id, tok.eos_id, tok.pad_id) if i is not None]

@@ -18,6 +18,11 @@ from lmstack.registry import register
 
 @register("objective.prefix_lm")
 class PrefixLM(WindowObjective):
+    config_defaults = dict(
+        prefix_min=0.1,  # the training prefix length is uniform in [prefix_min, prefix_max] x seq_len
+        prefix_max=0.9,
+    )
+
     def prefix_lengths(self, batch_size: int, rng: jax.Array | None) -> jax.Array:
         n, o = self.cfg.data.seq_len, self.cfg.objective
         if rng is None:

@@ -7,7 +7,7 @@ denoising, UL2); the windows, batching, determinism and the loss live here once.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +28,16 @@ def fixed(x: np.ndarray, length: int, pad_id: int = 0) -> tuple[np.ndarray, np.n
     n = min(len(x), length)
     out[:n] = x[:n]
     return out, np.arange(length) < n
+
+
+def sentinel_names(count: int) -> tuple[str, ...]:
+    """T5's sentinel token names, ``<extra_id_0>`` first."""
+    return tuple(f"<extra_id_{i}>" for i in range(count))
+
+
+def sentinel_ids(special_ids: Mapping[str, int], count: int) -> np.ndarray:
+    """The ids of ``<extra_id_0>`` ... ``<extra_id_{count-1}>`` in order (int32)."""
+    return np.asarray([special_ids[name] for name in sentinel_names(count)], np.int32)
 
 
 class Seq2SeqObjective(TransformedWindowObjective):

@@ -7,31 +7,39 @@ ids of the model's vocabulary and the three mode tokens ([R], [X], [S]) sit just
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
-from lmstack.data.noise import default_ul2_denoisers, top_of_vocab_ids, ul2_example, ul2_window_length
-from lmstack.objectives.seq2seq import Seq2SeqObjective
+from lmstack.data.noise import default_ul2_denoisers, ul2_example, ul2_window_length
+from lmstack.objectives.seq2seq import Seq2SeqObjective, sentinel_ids, sentinel_names
 from lmstack.registry import register
 
 MODES = ("R", "X", "S")
+# The mode tokens' names, as the UL2 paper writes them: [NLU] for R, [NLG] for X, [S2S] for S.
+MODE_TOKENS = {"R": "[NLU]", "X": "[NLG]", "S": "[S2S]"}
 
 
 @register("objective.ul2")
 class UL2(Seq2SeqObjective):
-    def __init__(self, cfg: Any):
-        super().__init__(cfg)
-        o, v = cfg.objective, cfg.model.vocab_size
-        self.sentinels = top_of_vocab_ids(v, o.num_sentinels)
-        below = v - o.num_sentinels
-        self.mode_ids = {m: below - 1 - i for i, m in enumerate(MODES)}
+    config_defaults = dict(
+        num_sentinels=100,  # reserved ids <extra_id_0> ... (T5: 100)
+        targets_length=0,  # decoder length; 0: data.seq_len
+        # rates of the R, X (dense), X (long spans) and S denoisers
+        mixing_rates=(0.4, 0.2, 0.2, 0.2),
+    )
+
+    def __init__(self, cfg: Any, special_ids: Mapping[str, int]):
+        super().__init__(cfg, special_ids)
+        o = cfg.objective
+        self.sentinels = sentinel_ids(special_ids, o.num_sentinels)
+        self.mode_ids = {m: special_ids[MODE_TOKENS[m]] for m in MODES}
         self.denoisers = default_ul2_denoisers(self.mode_ids)
         self.targets_length = o.targets_length or cfg.data.seq_len
 
     @classmethod
-    def extra_tokens(cls, cfg: Any) -> int:
-        return cfg.objective.num_sentinels + len(MODES)
+    def special_tokens(cls, cfg: Any) -> tuple[str, ...]:
+        return sentinel_names(cfg.objective.num_sentinels) + tuple(MODE_TOKENS[m] for m in MODES)
 
     def window_length(self) -> int:
         return ul2_window_length(self.denoisers, inputs_length=self.cfg.data.seq_len,

@@ -1,0 +1,176 @@
+"""``init.from``: where a run's weights start, and what it inherits from there.
+
+``init.from`` takes:
+
+- ``scratch``: fresh initialisation (the default);
+- ``WORKDIR`` or ``WORKDIR@STEP``: another run's latest (or given) checkpoint;
+- ``WORKDIR/checkpoints/STEP``: an orbax checkpoint directory of a run;
+- a Hugging Face model directory (``config.json`` + ``model.safetensors``, or sharded with
+  ``model.safetensors.index.json``);
+- a ``.gguf`` file.
+
+Only parameters are loaded (the optimizer starts fresh), each tensor placed straight into
+its sharding. The child run inherits its parent's tokenizer, reserved ids and architecture
+(:func:`inherit`): a model setting that contradicts the parent's is an error naming both
+values; settings that do not change what the weights mean (``WEIGHT_FREE_KEYS``: dropout,
+dtype, remat, scan unrolling, init scale) may differ. New reserved ids grow the embedding
+and output tables (:func:`resize_vocab`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lmstack import registry
+from lmstack.config import ConfigError
+from lmstack.models.layers import WEIGHT_FREE_KEYS
+from lmstack.runspec import RunSpec, with_special_tokens
+
+KINDS = ("scratch", "run", "hf", "gguf")
+
+
+@dataclasses.dataclass(frozen=True)
+class InitSource:
+    """A parsed ``init.from``: ``kind`` in :data:`KINDS`, the ``path`` and an optional ``step``."""
+
+    kind: str
+    path: Path | None = None
+    step: int | None = None
+
+    def __str__(self) -> str:
+        if self.kind == "scratch":
+            return "scratch"
+        return f"{self.path}@{self.step}" if self.step is not None else str(self.path)
+
+
+def parse_init_from(value: str) -> InitSource:
+    """Resolve ``init.from`` to an :class:`InitSource`; ConfigError says what was expected."""
+    if value in ("", "scratch"):
+        return InitSource("scratch")
+    text, at, step_s = value.rpartition("@") if "@" in value else (value, "", "")
+    step = None
+    if at:
+        if not step_s.isdigit():
+            raise ConfigError(f"init.from={value!r}: the part after @ must be a checkpoint step, e.g. {text}@1000")
+        step = int(step_s)
+    path = Path(text).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ConfigError(f"init.from={value!r}: no such GGUF file")
+        return InitSource("gguf", path)
+    if (path / "config.json").is_file() and not RunSpec.exists(path) and (
+            (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()):
+        return InitSource("hf", path)
+    if RunSpec.exists(path):
+        return InitSource("run", path, step)
+    if path.parent.name == "checkpoints" and path.name.isdigit() and RunSpec.exists(path.parent.parent):
+        if step is not None:
+            raise ConfigError(f"init.from={value!r}: a checkpoint directory names its step already; drop @{step}")
+        return InitSource("run", path.parent.parent, int(path.name))
+    raise ConfigError(
+        f"init.from={value!r} is not scratch, a run's workdir (with run_spec.json), WORKDIR@STEP, "
+        f"WORKDIR/checkpoints/STEP, a Hugging Face directory (config.json + model.safetensors) or a .gguf file")
+
+
+@dataclasses.dataclass
+class Parent:
+    """What a source offers: its spec (tokenizer, reserved ids, model config) and a loader
+    ``load_params(abstract_params) -> params`` for the parent's own parameter layout."""
+
+    spec: RunSpec
+    load_params: Callable[[Any], Any]
+
+
+def open_parent(source: InitSource) -> Parent:
+    """The parent behind ``source`` (not ``scratch``)."""
+    if source.kind == "run":
+        spec = RunSpec.load(source.path)
+
+        def load(abstract_params: Any) -> Any:
+            from lmstack.checkpoint import restore_params
+
+            return restore_params(source.path, source.step, abstract_params)
+
+        return Parent(spec, load)
+    if source.kind == "hf":
+        from lmstack.interop import hf_import
+
+        return hf_import.open_hf(source.path)
+    if source.kind == "gguf":
+        from lmstack.interop import gguf_import
+
+        return gguf_import.open_gguf(source.path)
+    raise AssertionError(source.kind)
+
+
+def inherit(cfg: Any, parent: RunSpec, source: InitSource, special_tokens: tuple[str, ...]) -> RunSpec:
+    """The child's spec: the parent's tokenizer, reserved ids and architecture, with the child's
+    weight-free model settings and its objective's reserved names added (appended ids).
+
+    A ``config.model`` value that differs from both the family's default and the parent's value
+    contradicts the parent: ConfigError naming both."""
+    pm = parent.model
+    if cfg.model.name != pm["name"]:
+        raise ConfigError(f"model.name={cfg.model.name!r} contradicts the parent's {pm['name']!r} "
+                          f"(init.from={source}): set --config.model.name={pm['name']}")
+    defaults = registry.lookup("model", pm["name"]).config_defaults
+    model = {**defaults, **pm}
+    for key, value in cfg.model.items():
+        if key == "name":
+            continue
+        if key in WEIGHT_FREE_KEYS:
+            model[key] = value
+        elif value != defaults.get(key) and value != model.get(key) and not (key in ("vocab_size", "max_seq_len")
+                                                                             and value == 0):
+            raise ConfigError(f"model.{key}={value!r} contradicts the parent's {model.get(key)!r} "
+                              f"(init.from={source}): drop the setting; a run started from another keeps its "
+                              f"architecture")
+    lineage = {"from": str(source), "kind": source.kind, "parent_lineage": parent.lineage}
+    spec = RunSpec(tokenizer=parent.tokenizer, special_ids=dict(parent.special_ids), model=model, lineage=lineage)
+    return with_special_tokens(spec, special_tokens)
+
+
+def resize_vocab(params: Any, abstract_params: Any) -> Any:
+    """``params`` grown to the shapes of ``abstract_params`` along the axes that differ (the
+    vocabulary axis of the embedding and output tables), placed in its shardings.
+
+    New rows are the mean of the existing ones, as Hugging Face's
+    ``resize_token_embeddings(mean_resizing=True)`` centres them (it samples around the mean;
+    the mean itself keeps the model's outputs for existing tokens unchanged and gives a new
+    token the average embedding, so it starts neither dominant nor ignored)."""
+
+    def grow(x: jax.Array, target: jax.ShapeDtypeStruct) -> jax.Array:
+        if x.shape == target.shape:
+            return x
+        axes = [i for i, (a, b) in enumerate(zip(x.shape, target.shape)) if a != b]
+        if len(axes) != 1 or x.shape[axes[0]] > target.shape[axes[0]]:
+            raise ConfigError(f"init.from: a parameter of shape {x.shape} cannot grow to {target.shape}: "
+                              f"only the vocabulary axis may grow")
+        ax = axes[0]
+        extra = target.shape[ax] - x.shape[ax]
+        fill = jnp.broadcast_to(jnp.mean(x, axis=ax, keepdims=True), x.shape[:ax] + (extra,) + x.shape[ax + 1:])
+        grown = jax.jit(lambda a, f: jnp.concatenate([a, f], axis=ax), out_shardings=target.sharding)
+        return grown(x, fill.astype(x.dtype))
+
+    return jax.tree.map(grow, params, abstract_params)
+
+
+def with_shapes(abstract_params: Any, parent_vocab: int, child_vocab: int) -> Any:
+    """``abstract_params`` with the child's vocabulary axes shrunk back to the parent's size, so
+    the parent's tensors load into them before :func:`resize_vocab`."""
+    if parent_vocab == child_vocab:
+        return abstract_params
+
+    def shrink(v: nnx.Variable) -> nnx.Variable:
+        names = v.get_metadata().get("out_sharding") or ()
+        s = v.get_value()
+        shape = tuple(parent_vocab if n == "vocab" else d for n, d in zip(names, s.shape))
+        return v.replace(jax.ShapeDtypeStruct(shape, s.dtype, sharding=s.sharding))
+
+    return jax.tree.map(shrink, abstract_params, is_leaf=lambda x: isinstance(x, nnx.Variable))
