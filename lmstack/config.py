@@ -348,7 +348,7 @@ def _problems(cfg: mlc.ConfigDict) -> list[tuple[tuple[str, ...], str]]:
         if key in flat and (not _is_int(flat[key]) or flat[key] < 0):
             out.append(((key,), f"{key} is {flat.get(key)!r}: must be an int >= 0 (0 derives it)"))
     if len(out) > n_choice_problems:  # the arithmetic below needs the ints checked above
-        return out
+        return out + _plugin_problems(cfg, resolve_model=False)
     m = cfg.model
     bs, mb = cfg.train.batch_size, cfg.train.microbatches
     if bs % mb:
