@@ -167,6 +167,7 @@ class EncoderConfig:
             norm_position=m.norm_position,
             activation=activation,
             type_vocab_size=m.type_vocab_size,
+            mlm_head=m.get("mlm_head", True),  # False: an imported checkpoint without MLM weights
             mlm_transform=m.mlm_transform,
             pooler=m.pooler,
             pooling=m.pooling,
