@@ -68,6 +68,7 @@ ENCODER_DEFAULTS = dict(
     relpos_buckets=32,  # T5 relative position buckets (positions=relative)
     relpos_max_distance=128,  # distances beyond this share the last bucket
     type_vocab_size=0,  # token-type embeddings (BERT: 2); 0: none
+    mlm_head=True,  # False: no MLM parameters (a sentence encoder imported without them)
     mlm_transform=False,  # BERT MLM head: dense + GELU + norm before the tied output
     pooler=False,  # BERT pooler: dense + tanh on the pooled vector
     pooling="mean",  # how a sequence becomes one vector: mean | cls | last
@@ -167,7 +168,7 @@ class EncoderConfig:
             norm_position=m.norm_position,
             activation=activation,
             type_vocab_size=m.type_vocab_size,
-            mlm_head=m.get("mlm_head", True),  # False: an imported checkpoint without MLM weights
+            mlm_head=m.mlm_head,  # False: an imported checkpoint without MLM weights
             mlm_transform=m.mlm_transform,
             pooler=m.pooler,
             pooling=m.pooling,
