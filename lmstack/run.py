@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from lmstack import registry
-from lmstack.config import ConfigError, check_resume, load_saved_config, save_config
+from lmstack.config import ConfigError, check_resume, compose, load_saved_config, save_config
 from lmstack.data.pipeline import TokenStream, split_stream, tokenize_documents
 from lmstack.data.sources import load_documents
 from lmstack.data.tokenizers import Tokenizer, build_tokenizer
@@ -104,6 +104,7 @@ class Run:
         spec (from ``init.from`` or scratch), loads and tokenizes the data, checks a resume
         against the saved config and data, and only then writes config and spec."""
         workdir = Path(workdir)
+        cfg = compose(cfg)  # a config built in code (not by load_config) gets its plug-in sections too
         mesh = build_mesh(cfg)
         source = parse_init_from(cfg.init["from"])
         resuming = has_checkpoint(workdir)

@@ -61,6 +61,7 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *, accept_changed_data: bool
     the run started on (otherwise a ConfigError)."""
     workdir = Path(workdir)
     run, data = Run.for_training(cfg, workdir, accept_changed_data=accept_changed_data)
+    cfg = run.cfg
     mesh, objective, abstract, bsh = run.mesh, run.objective, run.abstract, run.batch_sharding
     ckpt = Checkpointer(workdir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     train_iter = objective.train_batches(data)

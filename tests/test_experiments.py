@@ -12,7 +12,9 @@ import pytest
 from lmstack.checkpoint import Checkpointer
 from lmstack.config import load_config
 from lmstack.metrics_log import read_metrics
-from lmstack.run import load_data
+from lmstack.data.sources import load_documents
+from lmstack.data.tokenizers import build_tokenizer
+from lmstack.run import tokenize
 from lmstack.train import train
 from tests.helpers import corpus_text
 
@@ -86,7 +88,7 @@ def test_shakespeare_char_data(shared_data, tmp_path):
     if not path.is_file():
         pytest.skip(f"{path} is absent")
     cfg = load_config("shakespeare_char", [f"--config.data.path={path}"])
-    data = load_data(cfg, tmp_path)
+    data = tokenize(load_documents(cfg.data), build_tokenizer(cfg.data, load_documents(cfg.data)), cfg)
     assert data.tokenizer.kind == "char" and data.tokenizer.vocab_size == 65
     assert len(data.train) + len(data.val) == 1_115_394
     assert len(data.train) == 1_003_854  # nanoGPT's 90/10 split of the characters

@@ -29,10 +29,9 @@ import pytest
 from lmstack.checkpoint import Checkpointer
 from lmstack.config import load_saved_config
 from lmstack.evaluate import evaluate
-from lmstack.run import restore_checkpoint
+from lmstack.run import Run
 from lmstack.sharding import RULES, make_mesh
 from lmstack.train import train
-from lmstack.trainstate import model_factory
 from tests.helpers import tiny_config
 
 STEPS = 30
@@ -373,14 +372,15 @@ def test_restore_onto_another_mesh(trained_in_process, shape):
     cfg = load_saved_config(workdir)
     src_mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1})
     dst_mesh = make_mesh(dict(zip(("data", "fsdp", "tensor"), shape)))
-    _, src, _ = restore_checkpoint(cfg, workdir, None, src_mesh)
-    _, dst, dst_shardings = restore_checkpoint(cfg, workdir, None, dst_mesh)
+    src = Run.open(workdir, mesh=src_mesh).restore()
+    dst_run = Run.open(workdir, mesh=dst_mesh)
+    dst, dst_shardings = dst_run.restore(), dst_run.shardings
     assert int(dst["step"]) == 4
 
     # Logical names of every parameter, from the model definition.
     from flax import nnx
 
-    make_model, _ = model_factory(cfg, cfg.model.vocab_size)
+    make_model = dst_run.make_model
     _, abstract_params = nnx.split(nnx.eval_shape(make_model), nnx.Param)
     names = {jax.tree_util.keystr(p): v.get_metadata()["out_sharding"]
              for p, v in jax.tree_util.tree_leaves_with_path(

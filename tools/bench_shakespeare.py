@@ -49,11 +49,10 @@ def main() -> None:
     wall = time.perf_counter() - t0
     peak_after = measure_matmul_flops(cfg.model.dtype, n=1024)
 
+    from lmstack.run import Run
     from lmstack.sharding import make_mesh
-    from lmstack.trainstate import model_factory
 
-    _, mcfg = model_factory(cfg, cfg.model.vocab_size)  # training resolved the vocabulary into cfg
-    fpt = mcfg.flops_per_token(cfg.data.seq_len)
+    fpt = Run.open(workdir).model_cfg.flops_per_token(cfg.data.seq_len)  # the run's resolved model
     tps = summary["tokens_per_sec"]
     peak_best = max(peak, peak_after)  # the machine is shared: the better reading is nearer its peak
     rows = [

@@ -63,12 +63,10 @@ def main() -> None:
         t0 = time.perf_counter()
         summary = train(cfg, workdir)
         wall = time.perf_counter() - t0
-        probe_cfg = load_config(spec(name), common)
-        apply_overrides(probe_cfg, [f"--config.train.steps={steps}", f"--config.optimizer.warmup_steps={max(1, steps // 10)}"])
-        with probe_cfg.unlocked():
-            probe_cfg.model.vocab_size = cfg.model.vocab_size
-            probe_cfg.eval.names = ("linear_probe",)
-            probe_cfg.eval.linear_probe = {"path": args.sst2}
+        probe_cfg = load_config(spec(name), [*common, f"--config.train.steps={steps}",
+                                             f"--config.optimizer.warmup_steps={max(1, steps // 10)}",
+                                             "--config.eval.names=('linear_probe',)",
+                                             f"--config.eval.linear_probe.path={args.sst2}"])
         probe = evaluate(probe_cfg, workdir)
         rows.append({
             "experiment": name, "params": summary.get("params"), "steps": steps,

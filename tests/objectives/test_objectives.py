@@ -7,8 +7,10 @@ import pytest
 from lmstack import registry
 from lmstack.data.pipeline import TokenStream
 from lmstack.data.noise import reassemble
+from lmstack.config import compose
 from lmstack.data.tokenizers import ByteTokenizer
 from lmstack.run import RunData
+from lmstack.runspec import fresh_spec
 from tests.helpers import tiny_config
 
 
@@ -27,9 +29,10 @@ def objective(name, seq_len=16, **objective_keys):
     cfg.data.seq_len = seq_len
     cfg.objective.name = name
     cfg.objective.update(objective_keys)
+    cfg = compose(cfg)
     cls = registry.lookup("objective", name)
-    cfg.model.vocab_size = 259 + cls.extra_tokens(cfg)
-    return cls(cfg)
+    spec = fresh_spec(cfg, ByteTokenizer(), cls.special_tokens(cfg))
+    return cls(cfg, spec.special_ids)
 
 
 def test_span_corruption_batches_reassemble_to_their_windows():
