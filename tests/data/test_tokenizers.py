@@ -234,7 +234,8 @@ def test_save_tokenizer_refuses_an_unregistered_kind(tmp_path):
     class Words(ByteTokenizer):
         kind = "words"
 
-    with pytest.raises(UnknownNameError, match="^unknown tokenizer 'words': registered: byte, char, hf, sentencepiece$"):
+    unknown = "^unknown tokenizer 'words': registered: byte, char, hf, sentencepiece$"
+    with pytest.raises(UnknownNameError, match=unknown):
         save_tokenizer(Words(), tmp_path)
     assert not list(tmp_path.iterdir())
 
