@@ -1,1 +1,3 @@
-from lmstack.data import sources  # noqa: F401  (registers data.stdlib, data.text, data.jsonl)
+# Importing the plug-in modules registers them: data.stdlib, data.text, data.jsonl (sources),
+# tokenizer.byte, tokenizer.char, tokenizer.sentencepiece (tokenizers), tokenizer.hf (hf_tokenizer).
+from lmstack.data import hf_tokenizer, sources, tokenizers  # noqa: F401

@@ -67,7 +67,8 @@ class TokenStream:
 def tokenize_documents(
     documents: Sequence[str], tokenizer: Tokenizer, *, cache: bool = True
 ) -> TokenStream:
-    """Encode each document as ``[bos] + ids + [eos]`` (where the tokenizer has them) and concatenate.
+    """Encode each document as ``[bos] + ids + [eos]`` and concatenate: bos where the tokenizer's
+    ``add_bos`` says documents start with one, eos wherever the tokenizer has one.
 
     With ``cache``, the result is stored under ``$LMSTACK_CACHE/tokens/<hash>/`` keyed by the
     documents and the tokenizer, and later calls load it instead of encoding again.
@@ -274,7 +275,7 @@ def _mix64(x: np.ndarray) -> np.ndarray:
 
 
 def _encode(documents: Sequence[str], tokenizer: Tokenizer) -> TokenStream:
-    head = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    head = [tokenizer.bos_id] if tokenizer.add_bos else []
     tail = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
     pieces = [np.asarray(head + tokenizer.encode(doc) + tail, np.int32) for doc in documents]
     lengths = np.array([len(p) for p in pieces], np.int64)

@@ -1,7 +1,18 @@
-"""Tokenizers: bytes, characters, and SentencePiece (trained here, cached, saved per run).
+"""Tokenizers: bytes, characters, SentencePiece (trained here, cached), and Hugging Face's.
 
-Every tokenizer satisfies :class:`Tokenizer`. A run saves its tokenizer into its workdir
-(:func:`save_tokenizer`) so ``lmstack sample`` and ``lmstack eval`` rebuild it from there.
+Every tokenizer satisfies :class:`Tokenizer`. Each kind is a plug-in registered as
+``tokenizer.KIND`` (``byte``, ``char``, ``sentencepiece`` here; ``hf`` in
+:mod:`lmstack.data.hf_tokenizer`) with three entry points:
+
+- ``build(tcfg, documents)`` (classmethod): the tokenizer the ``data.tokenizer`` section describes;
+- ``save(directory)``: write its files into a folder;
+- ``from_saved(directory, spec)`` (classmethod): read them back; ``spec`` is the folder's parsed
+  ``tokenizer.json``.
+
+A run saves its tokenizer into its workdir (:func:`save_tokenizer`) so ``lmstack sample`` and
+``lmstack eval`` rebuild it from there (:func:`load_tokenizer`). The built-in kinds save a small
+lmstack spec as ``tokenizer.json`` (``{"kind": ..., ...}``); the ``hf`` kind saves Hugging
+Face's own ``tokenizer.json``, which has no ``kind`` key, so any HF model folder loads too.
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ from typing import Iterable, Iterator, Protocol, Sequence
 import ml_collections as mlc
 import sentencepiece as spm
 
+from lmstack import registry
 from lmstack.data.sources import DataError
 
 # Bump when the training recipe changes, so cached models trained the old way are not reused.
@@ -35,20 +47,42 @@ class Tokenizer(Protocol):
     bos_id: int | None
     eos_id: int | None
     pad_id: int | None
+    add_bos: bool  # documents and prompts start with bos_id (never true without one)
+    chat_template: str | None  # the tokenizer's own Jinja chat template, if it ships one
     identity: str  # a stable digest of everything that decides the ids, for cache keys
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str) -> list[int]:
+        """The ids of ``text``, adding no special tokens (see ``add_bos``)."""
+        ...
 
     def decode(self, ids: Iterable[int]) -> str: ...
 
+    def save(self, directory: pathlib.Path) -> None:
+        """Write the tokenizer's files into the existing folder ``directory``."""
+        ...
 
+
+@registry.register("tokenizer.byte")
 class ByteTokenizer:
     """UTF-8 bytes as ids 0..255, then pad, bos and eos."""
 
     kind = "byte"
     vocab_size = 259
     pad_id, bos_id, eos_id = 256, 257, 258
+    add_bos = True
+    chat_template = None
     identity = "byte-v1"
+
+    @classmethod
+    def build(cls, tcfg: mlc.ConfigDict, documents: Sequence[str]) -> ByteTokenizer:
+        return cls()
+
+    def save(self, directory: pathlib.Path) -> None:
+        _save_spec(directory, self)
+
+    @classmethod
+    def from_saved(cls, directory: pathlib.Path, spec: dict) -> ByteTokenizer:
+        return cls()
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -57,11 +91,14 @@ class ByteTokenizer:
         return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
 
 
+@registry.register("tokenizer.char")
 class CharTokenizer:
     """One id per character of the corpus it was built from; no special tokens (nanoGPT's char level)."""
 
     kind = "char"
     bos_id = eos_id = pad_id = None
+    add_bos = False
+    chat_template = None
 
     def __init__(self, chars: Sequence[str]):
         self.chars = list(chars)
@@ -80,6 +117,17 @@ class CharTokenizer:
             chars.update(doc)
         return cls(sorted(chars))
 
+    @classmethod
+    def build(cls, tcfg: mlc.ConfigDict, documents: Sequence[str]) -> CharTokenizer:
+        return cls.from_documents(documents)
+
+    def save(self, directory: pathlib.Path) -> None:
+        _save_spec(directory, self, chars=self.chars)
+
+    @classmethod
+    def from_saved(cls, directory: pathlib.Path, spec: dict) -> CharTokenizer:
+        return cls(spec["chars"])
+
     def encode(self, text: str) -> list[int]:
         try:
             return [self._ids[c] for c in text]
@@ -95,10 +143,13 @@ class CharTokenizer:
         return "".join(self.chars[i] for i in ids)
 
 
+@registry.register("tokenizer.sentencepiece")
 class SentencePieceTokenizer:
-    """A SentencePiece model; byte fallback means any text encodes."""
+    """A SentencePiece model; byte fallback means any text encodes. Documents start with bos
+    where the model has one (SentencePiece's and Llama's convention)."""
 
     kind = "sentencepiece"
+    chat_template = None
 
     def __init__(self, model_proto: bytes):
         self.model_proto = model_proto
@@ -108,6 +159,7 @@ class SentencePieceTokenizer:
         self.bos_id, self.eos_id, self.pad_id = (
             i if i >= 0 else None for i in (self._sp.bos_id(), self._sp.eos_id(), self._sp.pad_id())
         )
+        self.add_bos = self.bos_id is not None
         self.identity = "sp-" + hashlib.sha256(model_proto).hexdigest()
 
     @classmethod
@@ -120,6 +172,28 @@ class SentencePieceTokenizer:
                 "or leave it empty to train one"
             )
         return cls(p.read_bytes())
+
+    @classmethod
+    def build(cls, tcfg: mlc.ConfigDict, documents: Sequence[str]) -> SentencePieceTokenizer:
+        """``tcfg.path`` if given, else a model trained on ``documents`` once and cached
+        (keys ``vocab_size``, ``model_type``, ``max_train_chars``)."""
+        if tcfg.path:
+            return cls.load(tcfg.path)
+        path = cache_dir() / "tokenizers" / f"sp-{_sp_cache_key(documents, tcfg)}.model"
+        if not path.is_file():
+            train_sentencepiece(
+                documents, vocab_size=tcfg.vocab_size, model_type=tcfg.model_type,
+                out_path=path, max_train_chars=tcfg.max_train_chars,
+            )
+        return cls.load(path)
+
+    def save(self, directory: pathlib.Path) -> None:
+        write_atomic(directory / _SP_MODEL_FILE, self.model_proto)
+        _save_spec(directory, self, model=_SP_MODEL_FILE)
+
+    @classmethod
+    def from_saved(cls, directory: pathlib.Path, spec: dict) -> SentencePieceTokenizer:
+        return cls.load(directory / spec["model"], key=str(directory / _SPEC_FILE))
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
@@ -182,7 +256,7 @@ def train_sentencepiece(
             f"sentencepiece: training failed ({reason}): "
             "check data.tokenizer.vocab_size against the size of the training text"
         ) from None
-    return _write_atomic(pathlib.Path(out_path), model.getvalue())
+    return write_atomic(pathlib.Path(out_path), model.getvalue())
 
 
 def train_tokenizer_files(
@@ -211,62 +285,58 @@ def train_tokenizer_files(
 
 
 def build_tokenizer(data_cfg: mlc.ConfigDict, documents: Sequence[str]) -> Tokenizer:
-    """The tokenizer ``data_cfg.tokenizer`` describes; SentencePiece models are trained once and cached."""
+    """The tokenizer ``data_cfg.tokenizer`` describes, built by the plug-in its ``kind`` names.
+
+    Raises ``registry.UnknownNameError`` for an unregistered kind, and the plug-in's
+    ``DataError`` for bad settings or files."""
     tcfg = data_cfg.tokenizer
-    if tcfg.kind == "byte":
-        return ByteTokenizer()
-    if tcfg.kind == "char":
-        return CharTokenizer.from_documents(documents)
-    if tcfg.kind != "sentencepiece":
-        raise DataError(
-            f"data.tokenizer.kind: {tcfg.kind!r} is unknown: pass sentencepiece, byte or char"
-        )
-    if tcfg.path:
-        return SentencePieceTokenizer.load(tcfg.path)
-    path = cache_dir() / "tokenizers" / f"sp-{_sp_cache_key(documents, tcfg)}.model"
-    if not path.is_file():
-        train_sentencepiece(
-            documents, vocab_size=tcfg.vocab_size, model_type=tcfg.model_type,
-            out_path=path, max_train_chars=tcfg.max_train_chars,
-        )
-    return SentencePieceTokenizer.load(path)
+    return registry.lookup("tokenizer", tcfg.kind, "data.tokenizer.kind").build(tcfg, documents)
 
 
 def save_tokenizer(tok: Tokenizer, directory: str | os.PathLike) -> None:
-    """Write ``tok`` into ``directory`` (a JSON spec, plus the .model file for SentencePiece)."""
+    """Write ``tok`` into ``directory`` (created if missing) so :func:`load_tokenizer` reads it back.
+
+    Raises ``registry.UnknownNameError`` if ``tok.kind`` is not a registered kind, which could
+    not be loaded again."""
+    registry.lookup("tokenizer", tok.kind)
     d = pathlib.Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    spec: dict = {"kind": tok.kind, "vocab_size": tok.vocab_size}
-    if isinstance(tok, CharTokenizer):
-        spec["chars"] = tok.chars
-    elif isinstance(tok, SentencePieceTokenizer):
-        _write_atomic(d / _SP_MODEL_FILE, tok.model_proto)
-        spec["model"] = _SP_MODEL_FILE
-    elif not isinstance(tok, ByteTokenizer):
-        raise TypeError(f"save_tokenizer: no on-disk format for {type(tok).__name__}")
-    _write_atomic(d / _SPEC_FILE, json.dumps(spec, ensure_ascii=False, indent=1).encode("utf-8"))
+    tok.save(d)
 
 
 def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
-    """The tokenizer :func:`save_tokenizer` wrote into ``directory``."""
-    spec_path = pathlib.Path(directory) / _SPEC_FILE
+    """The tokenizer :func:`save_tokenizer` wrote into ``directory``, or a Hugging Face model
+    folder's (a ``tokenizer.json`` without lmstack's ``kind`` key is HF's own: kind ``hf``).
+
+    Raises ``DataError`` for a missing or unreadable ``tokenizer.json`` or an unknown kind."""
+    d = pathlib.Path(directory)
+    spec_path = d / _SPEC_FILE
     if not spec_path.is_file():
         raise DataError(
             f"tokenizer: no {_SPEC_FILE} in {str(directory)!r}: pass the tokenizer/ folder of a run's workdir"
         )
-    spec = json.loads(spec_path.read_text(encoding="utf-8"))
-    if spec["kind"] == "byte":
-        return ByteTokenizer()
-    if spec["kind"] == "char":
-        return CharTokenizer(spec["chars"])
-    if spec["kind"] == "sentencepiece":
-        return SentencePieceTokenizer.load(spec_path.parent / spec["model"], key=str(spec_path))
-    raise DataError(f"tokenizer: {spec_path}: unknown kind {spec['kind']!r}: re-save the tokenizer")
+    try:
+        spec = json.loads(spec_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"tokenizer: {spec_path}: not valid JSON ({e}): re-save the tokenizer") from None
+    kind = spec.get("kind", "hf") if isinstance(spec, dict) else None
+    if kind not in registry.names("tokenizer"):
+        raise DataError(
+            f"tokenizer: {spec_path}: unknown kind {kind!r}: re-save the tokenizer "
+            f"(known kinds: {', '.join(registry.names('tokenizer'))})"
+        )
+    return registry.lookup("tokenizer", kind).from_saved(d, spec)
 
 
 def cache_dir() -> pathlib.Path:
     """``$LMSTACK_CACHE``, default ``~/.cache/lmstack``: derived artefacts safe to delete."""
     return pathlib.Path(os.environ.get("LMSTACK_CACHE") or "~/.cache/lmstack").expanduser()
+
+
+def _save_spec(directory: pathlib.Path, tok: Tokenizer, **fields) -> None:
+    """lmstack's own ``tokenizer.json``: the kind, the vocabulary size and the kind's ``fields``."""
+    spec = {"kind": tok.kind, "vocab_size": tok.vocab_size, **fields}
+    write_atomic(directory / _SPEC_FILE, json.dumps(spec, ensure_ascii=False, indent=1).encode("utf-8"))
 
 
 def _sp_cache_key(documents: Sequence[str], tcfg: mlc.ConfigDict) -> str:
@@ -312,8 +382,9 @@ def _sample_chunks(chunks: list[str], max_chars: int) -> list[str]:
     return kept
 
 
-def _write_atomic(path: pathlib.Path, data: bytes) -> pathlib.Path:
-    """Write via a temporary file and a rename, so readers never see a partial file."""
+def write_atomic(path: pathlib.Path, data: bytes) -> pathlib.Path:
+    """Write ``data`` to ``path`` via a temporary file and a rename, so readers never see a
+    partial file; creates the parent folder. Returns ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

@@ -8,9 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lmstack import registry
 from lmstack.configs.base import base_config
 from lmstack.data import tokenizers
 from lmstack.data.sources import DataError
+from lmstack.registry import UnknownNameError
 from lmstack.data.tokenizers import (
     ByteTokenizer,
     CharTokenizer,
@@ -147,10 +149,23 @@ def test_build_tokenizer_kinds():
     assert isinstance(build_tokenizer(cfg, ["x"]), ByteTokenizer)
     cfg.tokenizer.kind = "char"
     assert build_tokenizer(cfg, ["abca"]).chars == ["a", "b", "c"]
-    cfg.tokenizer.kind = "wordpiece"
-    unknown = r"^data\.tokenizer\.kind: 'wordpiece' is unknown: pass sentencepiece, byte or char$"
-    with pytest.raises(DataError, match=unknown):
+    cfg.tokenizer.kind = "wordpeice"
+    with pytest.raises(UnknownNameError) as e:
         build_tokenizer(cfg, ["x"])
+    assert str(e.value) == (
+        "data.tokenizer.kind: unknown tokenizer 'wordpeice': registered: byte, char, hf, sentencepiece"
+    )
+
+
+def test_tokenizer_kinds_are_registered_plugins():
+    assert registry.names("tokenizer") == ["byte", "char", "hf", "sentencepiece"]
+    for cls in (ByteTokenizer, CharTokenizer, SentencePieceTokenizer):
+        assert registry.lookup("tokenizer", cls.kind) is cls
+
+
+def test_add_bos_follows_the_bos_token(sp_tok):
+    assert ByteTokenizer().add_bos and sp_tok.add_bos
+    assert not CharTokenizer.from_documents(["ab"]).add_bos
 
 
 def test_build_sentencepiece_trains_once_then_hits_the_cache(tmp_path, monkeypatch):
@@ -203,6 +218,26 @@ def test_load_tokenizer_without_spec(tmp_path):
     assert str(e.value) == (
         f"tokenizer: no tokenizer.json in {str(tmp_path)!r}: pass the tokenizer/ folder of a run's workdir"
     )
+
+
+def test_load_tokenizer_unknown_kind(tmp_path):
+    (tmp_path / "tokenizer.json").write_text('{"kind": "wordpiece", "vocab_size": 3}')
+    with pytest.raises(DataError) as e:
+        load_tokenizer(tmp_path)
+    assert str(e.value) == (
+        f"tokenizer: {tmp_path / 'tokenizer.json'}: unknown kind 'wordpiece': re-save the tokenizer "
+        "(known kinds: byte, char, hf, sentencepiece)"
+    )
+
+
+def test_save_tokenizer_refuses_an_unregistered_kind(tmp_path):
+    class Words(ByteTokenizer):
+        kind = "words"
+
+    unknown = "^unknown tokenizer 'words': registered: byte, char, hf, sentencepiece$"
+    with pytest.raises(UnknownNameError, match=unknown):
+        save_tokenizer(Words(), tmp_path)
+    assert not list(tmp_path.iterdir())
 
 
 def test_train_tokenizer_files(tmp_path):
