@@ -202,14 +202,16 @@ def load_gguf_params(path: str | Path, abstract_params: nnx.State) -> nnx.State:
     """
     reader = _reader(path)
     tensors = {t.name: t for t in reader.tensors}
+    flat = list(nnx.to_flat_state(abstract_params))
+    for key, _ in flat:
+        if tuple(key) not in _BY_PATH:
+            raise ConfigError(f"{path}: model parameter {'.'.join(map(str, key))} has no GGUF tensor in the llama "
+                              "tensor map: load GGUF files into a decoder with style='llama'")
     plan = []
-    for key, var in nnx.to_flat_state(abstract_params):
+    for key, var in flat:
         leaf = var.get_value() if isinstance(var, nnx.Variable) else var
         where = ".".join(map(str, key))
-        m = _BY_PATH.get(tuple(key))
-        if m is None:
-            raise ConfigError(f"{path}: model parameter {where} has no GGUF tensor in the llama tensor map: "
-                              "load GGUF files into a decoder with style='llama'")
+        m = _BY_PATH[tuple(key)]
         stacked = key[0] == "blocks"
         shape = tuple(leaf.shape[1:] if stacked else leaf.shape)
         names = [m.gguf.format(i=i) for i in range(leaf.shape[0])] if stacked else [m.gguf]
@@ -245,7 +247,9 @@ def load_gguf_params(path: str | Path, abstract_params: nnx.State) -> nnx.State:
             for i, name in enumerate(names):
                 host[i] = read(name, m, shape)
         else:
-            host = np.array(read(names[0], m, shape), np.float32)  # a copy: not a view of the file
+            host = read(names[0], m, shape)
+            if np.may_share_memory(host, tensors[names[0]].data):  # an F32 tensor: a view of the file
+                host = host.copy()
         arr = jax.device_put(host, leaf.sharding)
         del host
         loaded.append((key, var.replace(arr) if isinstance(var, nnx.Variable) else arr))
@@ -410,7 +414,9 @@ def export_gguf(params: nnx.State, model_cfg: Any, out_path: str | Path, *, qtyp
         x = np.asarray(jax.device_get(leaves[m.ours][i] if i is not None else leaves[m.ours]), np.float32)
         w = m.to_gguf(x)
         q = tensor_type(w.shape)
-        writer.write_tensor_data(w if q == Q.F32 else w.astype(np.float16) if q == Q.F16 else gguf.quants.quantize(w, q))
+        if q != Q.F32:
+            w = w.astype(np.float16) if q == Q.F16 else gguf.quants.quantize(w, q)
+        writer.write_tensor_data(w)
     writer.close()
 
 

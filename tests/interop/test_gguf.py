@@ -1,8 +1,6 @@
 """GGUF export and import on a tiny llama decoder: round trips, metadata llama.cpp needs,
 quantisation error bounds, the tokenizer metadata, and every bad-input message."""
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,15 +45,17 @@ def abstract_params(tie: bool = False, **model):
 
 def build(tie: bool = False, **model):
     """A tiny llama decoder (2 layers, d=64, 8 heads over 4 KV heads) with weights of order one
-    and random norm scales, so that a swapped or mis-permuted tensor shows in the logits."""
+    and random norm scales (and biases), so that a swapped or mis-permuted tensor shows in the logits."""
     make, mcfg = factory(tie, **model)
     graphdef, state, _ = init_state(make, optax.identity(), MESH)
     params = state["params"]
     rng = np.random.default_rng(0)
     for key, var in nnx.to_flat_state(params):
+        x = var.get_value()
         if key[-1] == "scale":
-            x = var.get_value()
             var.set_value(jax.device_put(1 + 0.3 * rng.standard_normal(x.shape, np.float32), x.sharding))
+        elif key[-1].endswith("_bias"):  # created as zeros
+            var.set_value(jax.device_put(0.2 * rng.standard_normal(x.shape, np.float32), x.sharding))
     return graphdef, params, state["frozen"], mcfg, abstract_params(tie, **model)
 
 
@@ -196,15 +196,29 @@ def byte_vocab():
 
 @pytest.fixture(scope="module")
 def tied_with_tokenizer(byte_vocab, tmp_path_factory):
-    """A tied model (vocabulary 264 = the byte vocabulary's 261 + 3 unused) exported with its tokenizer."""
-    _, params, _, mcfg, _ = build(tie=True, vocab_size=264)
+    """A tied model with llama's optional biases (vocabulary 264: the byte vocabulary's 261 + 3
+    unused), exported as F32 with the byte vocabulary."""
+    built = build(tie=True, use_bias=True, vocab_size=264)
     path = tmp_path_factory.mktemp("gguf") / "tok.gguf"
-    export_gguf(params, mcfg, path, tokenizer_parts=byte_vocab)
-    return path
+    export_gguf(built[1], built[3], path, tokenizer_parts=byte_vocab)
+    return built, path
+
+
+def test_biases_round_trip(tied_with_tokenizer):
+    """attn_q/k/v/output.bias and ffn_up/down.bias, the q/k biases permuted like their rows."""
+    (graphdef, params, frozen, _, abstract), path = tied_with_tokenizer
+    names = {t.name for t in gguf.GGUFReader(path).tensors}
+    assert {f"blk.1.{n}.bias" for n in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_up", "ffn_down")} <= names
+    assert gguf_model_section(path)["use_bias"]
+    loaded = load_gguf_params(path, abstract)
+    for (key, want), (_, got) in zip(nnx.to_flat_state(params), nnx.to_flat_state(loaded)):
+        np.testing.assert_array_equal(np.asarray(got.get_value()), np.asarray(want.get_value()), err_msg=str(key))
+    np.testing.assert_allclose(logits(graphdef, loaded, frozen, TOKENS), logits(graphdef, params, frozen, TOKENS),
+                               atol=1e-5, rtol=0)
 
 
 def test_export_carries_the_tokenizer(tied_with_tokenizer, byte_vocab):
-    path = tied_with_tokenizer
+    path = tied_with_tokenizer[1]
     parts = gguf_tokenizer_parts(path)
     assert {**parts, "path": "byte-vocab"} == byte_vocab
     tok = build_gguf_tokenizer(parts)
@@ -225,10 +239,15 @@ def test_shape_mismatch_names_the_tensor_and_both_shapes(untied_f32):
 
 
 def test_missing_and_unexpected_tensors(untied_f32, tied_with_tokenizer):
+    tied = tied_with_tokenizer[1]
     with pytest.raises(ConfigError) as e:
-        load_gguf_params(tied_with_tokenizer, abstract_params(tie=False, vocab_size=264))
-    assert str(e.value) == (f"{tied_with_tokenizer}: tensor output.weight is missing (the model needs it for "
+        load_gguf_params(tied, abstract_params(tie=False, use_bias=True, vocab_size=264))
+    assert str(e.value) == (f"{tied}: tensor output.weight is missing (the model needs it for "
                             "params.lm_head): build the model config from this file with gguf_model_section")
+    with pytest.raises(ConfigError) as e:
+        load_gguf_params(untied_f32, abstract_params(tie=True, style="gpt2", n_kv_heads=0))
+    assert str(e.value) == (f"{untied_f32}: model parameter pos_embed has no GGUF tensor in the llama tensor map"
+                            ": load GGUF files into a decoder with style='llama'")
     with pytest.raises(ConfigError) as e:
         load_gguf_params(untied_f32, abstract_params(tie=True))
     assert str(e.value) == (f"{untied_f32}: tensors output.weight have no parameter in the model: "
@@ -268,7 +287,8 @@ def test_unsupported_architecture_and_metadata(tmp_path):
                             "use a llama-architecture model (Llama, SmolLM2)")
     with pytest.raises(DataError) as e:
         gguf_tokenizer_parts(path)
-    assert str(e.value) == f"{path}: the GGUF file has no tokenizer (tokenizer.ggml.tokens): give the tokenizer separately"
+    assert str(e.value) == (f"{path}: the GGUF file has no tokenizer (tokenizer.ggml.tokens): "
+                            "give the tokenizer separately")
     with pytest.raises(ConfigError) as e:
         gguf_model_section(tmp_path / "absent.gguf")
     assert str(e.value) == f"{tmp_path / 'absent.gguf'}: no such GGUF file: check the path"

@@ -156,7 +156,8 @@ def test_chat_tokens_are_special(tokenizer_parts):
     ids = tok.encode(text).ids
     im_start, im_end = tokenizer_parts["tokens"].index("<|im_start|>"), tokenizer_parts["tokens"].index("<|im_end|>")
     assert (im_start, im_end) == (tokenizer_parts["bos_id"], tokenizer_parts["eos_id"]) == (1, 2)
-    assert ids == [1, *reference_encode("user\nWhat is 2+2?", tokenizer_parts), 2, *reference_encode("\n", tokenizer_parts)]
+    body, newline = reference_encode("user\nWhat is 2+2?", tokenizer_parts), reference_encode("\n", tokenizer_parts)
+    assert ids == [1, *body, 2, *newline]
     assert tok.decode(ids, skip_special_tokens=False) == text
     assert tokenizer_parts["pre"] == "smollm" and not tokenizer_parts["add_bos"]
     assert "<|im_start|>assistant" in tokenizer_parts["chat_template"]

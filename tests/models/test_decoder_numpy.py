@@ -28,7 +28,8 @@ def as_gguf_layout(model: Decoder) -> dict[str, np.ndarray]:
     """Our parameter tree as the reference's (out, in) matrices with HF q/k row order."""
     c = model.cfg
     b = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model.blocks, nnx.Param)))
-    w = {"token_embd.weight": np.asarray(model.embed[...]), "output_norm.weight": np.asarray(model.final_norm.scale[...])}
+    w = {"token_embd.weight": np.asarray(model.embed[...]),
+         "output_norm.weight": np.asarray(model.final_norm.scale[...])}
     if not c.tie_embeddings:
         w["output.weight"] = np.asarray(model.lm_head[...]).T
     for i in range(c.n_layers):
