@@ -15,6 +15,13 @@ import grain
 import orbax.checkpoint as ocp
 
 
+def has_checkpoint(workdir: str | Path) -> bool:
+    """Whether ``workdir`` holds a finished checkpoint (orbax names them by step; a save in
+    progress is a ``*.orbax-checkpoint-tmp`` directory)."""
+    d = Path(workdir) / "checkpoints"
+    return d.is_dir() and any(p.is_dir() and p.name.isdigit() for p in d.iterdir())
+
+
 class Checkpointer:
     """Keep-N manager over ``WORKDIR/checkpoints``; every save holds state + data + config."""
 

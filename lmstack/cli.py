@@ -1,4 +1,4 @@
-"""The ``lmstack`` command: list, train, eval, sample, tokenizer.
+"""The ``lmstack`` command: list, train, eval, sample, chat, import, export, tokenizer.
 
 Bad input (a config, data, mesh or checkpoint problem) ends with one line on stderr,
 ``lmstack: error: ...``, and exit status 2; anything else is a bug and keeps its traceback.
@@ -48,6 +48,30 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--top-p", type=float, default=0.95, help="1 means no nucleus cut")
     s.add_argument("--num-samples", type=int, default=1)
     s.add_argument("--seed", type=int, default=0)
+
+    c = sub.add_parser("chat", help="chat with a checkpoint through its chat template: lmstack chat --workdir W")
+    c.add_argument("--workdir", required=True)
+    c.add_argument("--prompt", default=None, help="one message and its reply; without it, read messages from stdin")
+    c.add_argument("--system", default="", help="a system message first")
+    c.add_argument("--template", default="", help="chat template: the model's own (default), chatml, llama3, "
+                                                  "or a Jinja string")
+    c.add_argument("--step", type=int, default=None)
+    c.add_argument("--max-new-tokens", type=int, default=256)
+    c.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    c.add_argument("--top-k", type=int, default=0)
+    c.add_argument("--top-p", type=float, default=1.0)
+    c.add_argument("--seed", type=int, default=0)
+
+    i = sub.add_parser("import", help="make a workdir from open weights: lmstack import SOURCE --workdir W")
+    i.add_argument("source", help="a Hugging Face directory, a .gguf file, or a run's workdir")
+    i.add_argument("--workdir", required=True)
+
+    x = sub.add_parser("export", help="write a run as open weights: lmstack export --workdir W --format hf --out D")
+    x.add_argument("--workdir", required=True)
+    x.add_argument("--format", required=True, choices=["hf", "gguf"])
+    x.add_argument("--out", required=True, help="a directory (hf) or a .gguf file")
+    x.add_argument("--qtype", default="F32", choices=["F32", "F16", "Q8_0"], help="gguf tensor type of the matrices")
+    x.add_argument("--step", type=int, default=None)
 
     tok = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = tok.add_subparsers(dest="tokenizer_command", required=True)
@@ -114,6 +138,22 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
             num_samples=args.num_samples,
         )
         print("\n----\n".join(texts))
+        return 0
+    if args.command == "chat":
+        from lmstack.chat import chat_workdir
+
+        return chat_workdir(args.workdir, prompt=args.prompt, system=args.system, template=args.template,
+                            step=args.step, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    if args.command == "import":
+        from lmstack.interop.workdirs import import_workdir
+
+        print(f"wrote {import_workdir(args.source, args.workdir)}: lmstack chat --workdir {args.workdir}")
+        return 0
+    if args.command == "export":
+        from lmstack.interop.workdirs import export_workdir
+
+        print(f"wrote {export_workdir(args.workdir, args.format, args.out, qtype=args.qtype, step=args.step)}")
         return 0
     raise AssertionError(args.command)
 

@@ -33,7 +33,6 @@ RESUME_SAFE_KEYS = ("name", "arg", "train.progress", "train.log_every", "checkpo
 RESUME_SAFE_PREFIXES = ("sample.", "log.", "eval.")
 _CHOICES = {
     "optimizer.schedule": ("cosine", "linear", "constant"),
-    "data.tokenizer.kind": ("sentencepiece", "byte", "char"),
 }
 # (section, registry kind): the config sections a plug-in owns; eval.NAME is handled apart.
 PLUGIN_SECTIONS = (("model", "model"), ("objective", "objective"))
@@ -337,7 +336,7 @@ def _problems(cfg: mlc.ConfigDict) -> list[tuple[tuple[str, ...], str]]:
     """(keys involved, message) for every semantic problem in a composed ``cfg``."""
     flat = flat_items(cfg)
     out: list[tuple[tuple[str, ...], str]] = []
-    for key, choices in _CHOICES.items():
+    for key, choices in {**_CHOICES, "data.tokenizer.kind": tuple(registry.names("tokenizer"))}.items():
         if flat.get(key) not in choices:
             out.append(((key,), f"{key} is {flat.get(key)!r}: must be one of {', '.join(choices)}"))
     n_choice_problems = len(out)

@@ -89,23 +89,26 @@ class Parent:
 
 def open_parent(source: InitSource) -> Parent:
     """The parent behind ``source`` (not ``scratch``)."""
+    from lmstack.checkpoint import has_checkpoint, restore_params
+
     if source.kind == "run":
         spec = RunSpec.load(source.path)
+        if not has_checkpoint(source.path) and source.step is None:
+            # a workdir made by `lmstack import` (or not trained yet): its weights are its own init.from's
+            from lmstack.config import load_saved_config
 
-        def load(abstract_params: Any) -> Any:
-            from lmstack.checkpoint import restore_params
-
-            return restore_params(source.path, source.step, abstract_params)
-
-        return Parent(spec, load)
+            grand = parse_init_from(load_saved_config(source.path).init["from"])
+            if grand.kind != "scratch":
+                return Parent(spec, open_parent(grand).load_params)
+        return Parent(spec, lambda abstract_params: restore_params(source.path, source.step, abstract_params))
     if source.kind == "hf":
-        from lmstack.interop import hf_import
+        from lmstack.interop.open_weights import open_hf
 
-        return hf_import.open_hf(source.path)
+        return open_hf(source.path)
     if source.kind == "gguf":
-        from lmstack.interop import gguf_import
+        from lmstack.interop.open_weights import open_gguf
 
-        return gguf_import.open_gguf(source.path)
+        return open_gguf(source.path)
     raise AssertionError(source.kind)
 
 

@@ -24,6 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from lmstack import registry
+from lmstack.checkpoint import Checkpointer, has_checkpoint
 from lmstack.config import ConfigError, check_resume, compose, load_saved_config, save_config
 from lmstack.data.pipeline import TokenStream, split_stream, tokenize_documents
 from lmstack.data.sources import load_documents
@@ -68,12 +69,6 @@ def build_mesh(cfg: mlc.ConfigDict) -> Mesh:
     if cfg.eval.batch_size:  # 0 takes train.batch_size, checked above
         check_batch(cfg.eval.batch_size, mesh, "eval.batch_size")
     return mesh
-
-
-def has_checkpoint(workdir: Path) -> bool:
-    """Whether ``workdir`` holds a finished checkpoint (orbax names them by step)."""
-    d = workdir / "checkpoints"
-    return d.is_dir() and any(p.is_dir() and p.name.isdigit() for p in d.iterdir())
 
 
 def tokenize(documents: list[str], tokenizer: Tokenizer, cfg: mlc.ConfigDict) -> RunData:
@@ -161,9 +156,11 @@ class Run:
         return state
 
     def restore(self, step: int | None = None, data_iterator: Any | None = None) -> dict:
-        """The checkpointed state at ``step`` (default: latest), and the iterator's position in place."""
-        from lmstack.checkpoint import Checkpointer
-
+        """The checkpointed state at ``step`` (default: latest), and the iterator's position in place.
+        A workdir without checkpoints whose weights come from ``init.from`` (one made by
+        ``lmstack import``) gives the state that source starts a run with."""
+        if step is None and not has_checkpoint(self.workdir) and parse_init_from(self.cfg.init["from"]).kind != "scratch":
+            return self.init_state()
         ckpt = Checkpointer(self.workdir)
         try:
             return ckpt.restore(step, self.abstract, data_iterator)

@@ -11,7 +11,7 @@ import numpy as np
 from flax import nnx
 
 from lmstack.config import ConfigError
-from lmstack.data.tokenizers import Tokenizer
+from lmstack.data.tokenizers import Tokenizer, with_bos
 from lmstack.generate import generate_sliding
 from lmstack.run import Run
 from lmstack.sharding import make_mesh
@@ -37,9 +37,7 @@ def continue_text(model: nnx.Module, tokenizer: Tokenizer, prompt_ids: list[int]
 
 def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
     """The prompt's ids, after a bos where the tokenizer starts documents with one (as in training)."""
-    ids = tokenizer.encode(text)
-    add_bos = getattr(tokenizer, "add_bos", tokenizer.bos_id is not None)
-    return [tokenizer.bos_id, *ids] if add_bos and tokenizer.bos_id is not None else ids
+    return with_bos(tokenizer, tokenizer.encode(text))
 
 
 def open_for_generation(workdir: str | Path, step: int | None = None) -> tuple[Run, nnx.Module]:

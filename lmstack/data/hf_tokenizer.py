@@ -112,6 +112,10 @@ class HFTokenizer:
         UTF-8); special tokens are kept. Ids outside the vocabulary are dropped."""
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
+    def to_json(self) -> str:
+        """The ``tokenizer.json`` text of the wrapped tokenizer."""
+        return self._tok.to_str()
+
     def encode_pair(self, text: str, text_pair: str | None = None) -> tuple[list[int], list[int]]:
         """``(input_ids, token_type_ids)`` framed by the tokenizer's post-processor, as HF's
         ``tokenizer(text, text_pair)``: ``[CLS] A [SEP]`` / ``[CLS] A [SEP] B [SEP]`` with type

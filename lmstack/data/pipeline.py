@@ -27,7 +27,7 @@ import grain
 import numpy as np
 
 from lmstack.data.sources import DataError
-from lmstack.data.tokenizers import Tokenizer, cache_dir
+from lmstack.data.tokenizers import Tokenizer, cache_dir, with_bos
 
 Batch = dict[str, np.ndarray]
 _STREAM_FORMAT_VERSION = 1
@@ -275,7 +275,7 @@ def _mix64(x: np.ndarray) -> np.ndarray:
 
 
 def _encode(documents: Sequence[str], tokenizer: Tokenizer) -> TokenStream:
-    head = [tokenizer.bos_id] if tokenizer.add_bos else []
+    head = with_bos(tokenizer, [])
     tail = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
     pieces = [np.asarray(head + tokenizer.encode(doc) + tail, np.int32) for doc in documents]
     lengths = np.array([len(p) for p in pieces], np.int64)

@@ -284,6 +284,12 @@ def train_tokenizer_files(
     )
 
 
+def with_bos(tokenizer: Tokenizer, ids: list[int]) -> list[int]:
+    """``ids`` after a bos where the tokenizer starts documents with one (``add_bos``), as
+    training saw them: prompts, probe sentences and query/document pairs start alike."""
+    return [tokenizer.bos_id, *ids] if tokenizer.add_bos else list(ids)
+
+
 def build_tokenizer(data_cfg: mlc.ConfigDict, documents: Sequence[str]) -> Tokenizer:
     """The tokenizer ``data_cfg.tokenizer`` describes, built by the plug-in its ``kind`` names.
 

@@ -18,6 +18,7 @@ import numpy as np
 import optax
 
 from lmstack.data.sources import DataError
+from lmstack.data.tokenizers import with_bos
 from lmstack.evals.base import EvalContext, compiled_method
 from lmstack.registry import register
 
@@ -62,7 +63,7 @@ def fit_logistic_regression(x: np.ndarray, y: np.ndarray, n_classes: int, l2: fl
 
 
 def _features(model: Any, tokenizer: Any, texts: list[str], seq_len: int, batch_size: int) -> np.ndarray:
-    head = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    head = with_bos(tokenizer, [])
     embed = compiled_method(model, "features")
     out = []
     for i in range(0, len(texts), batch_size):

@@ -24,6 +24,7 @@ import optax
 
 from lmstack.config import ConfigError
 from lmstack.data.pairs import Pair, load_pairs, split_by_group
+from lmstack.data.tokenizers import with_bos
 from lmstack.registry import register
 
 MAX_LOGIT_SCALE = 100.0
@@ -160,7 +161,7 @@ class Contrastive:
 
     def _encode(self, tokenizer: Any, pairs: list[Pair]) -> list[tuple[np.ndarray, np.ndarray]]:
         """[bos] + text, truncated to seq_len (the bos gives CLS pooling a first token)."""
-        head = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+        head = with_bos(tokenizer, [])
         n = self.cfg.data.seq_len
         enc = lambda t: np.asarray((head + tokenizer.encode(t))[:n], np.int32)  # noqa: E731
         return [(enc(p.query), enc(p.document)) for p in pairs]
