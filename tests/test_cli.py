@@ -96,6 +96,35 @@ def test_greedy_sample_is_deterministic(capsys, trained):
     assert hot[0] != hot[1]
 
 
+def test_sample_past_the_context_window(capsys, trained, monkeypatch):
+    """A prompt longer than the model's 64-token context is cropped with a note, and every one of the
+    tokens asked for comes out (the context slides) instead of a silent cut or a traceback."""
+    import lmstack.sample
+    from lmstack.run import Run
+
+    shapes = []
+    real = lmstack.sample.generate_sliding
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        shapes.append(out.shape)
+        return out
+
+    monkeypatch.setattr(lmstack.sample, "generate_sliding", spy)
+    workdir, _ = trained
+    tok = Run.open(workdir).spec.tokenizer
+    prompt = corpus_text()[:2000]
+    n_prompt = len(tok.encode(prompt))
+    assert n_prompt > 64
+    capsys.readouterr()
+    assert main(["sample", "--workdir", str(workdir), "--prompt", prompt, "--max-new-tokens", "150",
+                 "--temperature", "0"]) == 0
+    out, err = capsys.readouterr()
+    assert f"the prompt has {n_prompt + 1} tokens; the model's context is 64" in err  # + bos
+    assert out.startswith(prompt[:100]) and len(out) > len(prompt)
+    assert shapes == [(1, 150)]
+
+
 def test_tokenizer_train_writes_a_loadable_model(capsys, tmp_path):
     text = corpus_text(20_000)
     src = tmp_path / "corpus.txt"
