@@ -105,3 +105,14 @@ def test_export_gguf_then_import_gives_equal_logits(trained_llama, tmp_path, cap
     assert after.encode(text) == before.encode(text) and after.decode(after.encode(text)) == text
     tokens = np.random.default_rng(0).integers(0, 297, (2, 12)).astype(np.int32)
     np.testing.assert_allclose(logits_of(tmp_path / "back", tokens), logits_of(trained_llama, tokens), atol=1e-5)
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path):
+    from lmstack.config import ConfigError
+    from lmstack.data.tokenizers import ByteTokenizer
+    from lmstack.interop.open_weights import _spec
+
+    with pytest.raises(ConfigError) as e:
+        _spec({"name": "decoder", "vocab_size": 200}, ByteTokenizer(), tmp_path, "hf")
+    assert str(e.value) == (f"{tmp_path}: the tokenizer has 259 tokens but the embedding only 200 rows: "
+                            f"give the model's own tokenizer")
