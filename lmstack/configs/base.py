@@ -37,13 +37,22 @@ def base_config() -> mlc.ConfigDict:
             # Layers per iteration of the layer scan: 1 keeps compile time flat in depth;
             # n_layers unrolls fully, which XLA:CPU runs ~2x faster in the backward pass.
             scan_unroll=1,
-            # --- encoder, encoder_decoder and two_tower (the decoder ignores these keys) ---
+            # --- decoder options for open-weight families (lmstack.interop.hf imports them) ---
+            qkv_bias=False,  # biases on the q/k/v projections only (Qwen2)
+            rope_scaling="",  # "" | llama3 (Llama 3.1 frequency scaling, HF rope_scaling fields below)
+            rope_scaling_factor=8.0,
+            rope_low_freq_factor=1.0,
+            rope_high_freq_factor=4.0,
+            rope_original_max_position_embeddings=8192,
+            sliding_window=0,  # decoder: 0 = full causal attention; else keys within this many positions (Mistral)
+            # --- encoder, encoder_decoder and two_tower (the decoder ignores these keys but activation) ---
             # "": from the family/style (encoder: llama -> rope, gpt2 -> learned; encoder_decoder:
             # relative) | learned | rope | relative (T5 buckets; encoder_decoder: relative | rope)
             positions="",
             norm="",  # "": from style (llama -> rmsnorm, gpt2 -> layernorm) | rmsnorm | layernorm
             norm_position="pre",  # pre | post (BERT; encoder and two_tower only)
-            activation="",  # "": from style (llama -> swiglu, gpt2 -> gelu) | swiglu | geglu | gelu | relu
+            # all families: "": from style (llama -> swiglu, gpt2 -> gelu) | swiglu | geglu | gelu | relu | gelu_tanh
+            activation="",
             relpos_buckets=32,  # T5 relative position buckets (positions=relative)
             relpos_max_distance=128,  # distances beyond this share the last bucket
             type_vocab_size=0,  # token-type embeddings (BERT: 2); 0: none
