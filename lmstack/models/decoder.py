@@ -128,7 +128,7 @@ class DecoderConfig:
             dtype=m.dtype,
             remat=m.remat,
             scan_unroll=m.scan_unroll,
-            activation=m.activation,
+            activation=m.activation or STYLE_ACTIVATIONS[m.style],
             qkv_bias=m.qkv_bias,
             rope_scaling=m.rope_scaling,
             rope_scaling_factor=m.rope_scaling_factor,

@@ -107,7 +107,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: Llama3RopeScaling | None
         return inv_freq
     s = scaling
     wavelen = 2 * math.pi / inv_freq
-    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smooth = ((s.original_max_position_embeddings / wavelen - s.low_freq_factor)
+              / (s.high_freq_factor - s.low_freq_factor))
     smooth = jnp.clip(smooth, 0.0, 1.0)  # 0 beyond the low-frequency wavelength, 1 below the high-frequency one
     return (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
 
