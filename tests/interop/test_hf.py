@@ -136,10 +136,18 @@ def test_exported_gpt2_tensors_mean_what_hf_gpt2_means(tmp_path):
     _, want = exported(tmp_path, "gpt2")
     hf = json.loads((tmp_path / "config.json").read_text())
     assert (hf["activation_function"], hf["n_inner"], hf["n_positions"]) == ("gelu_new", 64, T)
-    got = gpt2_numpy(read_safetensors(tmp_path), hf)
+    tensors = read_safetensors(tmp_path)
+    got = gpt2_numpy(tensors, hf)
     diff = np.abs(got - want).max()
     print(f"numpy GPT-2 over the exported tensors: max |logit difference| {diff:.2e}")
     assert diff < 1e-5
+
+    # OpenAI's gpt2 checkpoint names its tensors without "transformer." and keeps the causal-mask buffers
+    openai = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+    openai |= {f"h.{i}.attn.bias": np.tril(np.ones((1, 1, T, T), np.float32)) for i in range(hf["n_layer"])}
+    safetensors_numpy.save_file(openai, tmp_path / "model.safetensors")
+    _, loaded = imported_logits(tmp_path)
+    assert np.abs(loaded - want).max() < 1e-5
 
 
 def llama_numpy(tensors, hf):
