@@ -1,0 +1,1 @@
+"""Model files of other projects in and out: Hugging Face safetensors (``hf``)."""

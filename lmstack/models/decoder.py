@@ -5,6 +5,10 @@
 - ``gpt2``: LayerNorm, learned absolute positions, GELU MLP, optional biases, tied
   embeddings (nanoGPT's model).
 
+Options for the open-weight families (see ``lmstack.interop.hf``): ``activation``
+(``gelu_tanh`` for OpenAI GPT-2), ``qkv_bias`` (Qwen2), ``rope_scaling='llama3'``
+(Llama 3.1) and ``sliding_window`` (Mistral v0.1).
+
 The blocks are created stacked (a leading ``layers`` axis on every block parameter) and
 run with ``nnx.scan``, so compile time does not grow with depth. Attention is restricted to
 the query's own document (segment ids), so packed sequences never leak across documents.
@@ -22,13 +26,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lmstack.models.encoder import check_choice
 from lmstack.models.layers import (
+    ACTIVATIONS,
     MLP,
     REMAT_POLICIES,
     TRANSFORMER_CHOICES,
     TRANSFORMER_DEFAULTS,
     Attention,
     LayerNorm,
+    Llama3RopeScaling,
     RMSNorm,
     attention_mask,
     dense,
@@ -40,6 +47,9 @@ from lmstack.registry import register
 from lmstack.sharding import constrain
 
 Array = jax.Array
+
+STYLE_ACTIVATIONS = {"llama": "swiglu", "gpt2": "gelu"}
+ROPE_SCALINGS = ("llama3",)  # or "" for none
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,14 +72,42 @@ class DecoderConfig:
     dtype: str = "float32"
     remat: str = "none"
     scan_unroll: int = 1
+    activation: str = ""  # "": from style (llama -> swiglu, gpt2 -> gelu) | any of layers.ACTIVATIONS
+    qkv_bias: bool = False  # biases on the q/k/v projections only (Qwen2)
+    rope_scaling: str = ""  # "" | llama3 (Llama 3.1, with the four fields below; HF rope_scaling names)
+    rope_scaling_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position_embeddings: int = 8192
+    sliding_window: int = 0  # 0: full causal attention; else each query sees this many keys (Mistral)
+
+    def __post_init__(self):
+        if self.activation:  # empty: from the style
+            check_choice("activation", self.activation, tuple(ACTIVATIONS), "decoder")
+        if self.rope_scaling:  # empty: none
+            check_choice("rope_scaling", self.rope_scaling, ROPE_SCALINGS, "decoder")
+
+    @property
+    def mlp_activation(self) -> str:
+        """The MLP's entry of ``layers.ACTIVATIONS``: ``activation``, or the style's."""
+        return self.activation or STYLE_ACTIVATIONS[self.style]
+
+    def rope_scaling_params(self) -> Llama3RopeScaling | None:
+        if self.rope_scaling != "llama3":
+            return None
+        return Llama3RopeScaling(self.rope_scaling_factor, self.rope_low_freq_factor, self.rope_high_freq_factor,
+                                 self.rope_original_max_position_embeddings)
 
     @classmethod
     def from_config(cls, m: Any, *, vocab_size: int, max_seq_len: int) -> "DecoderConfig":
         """Resolve ``config.model`` (zeros mean 'derive it') into a frozen model config."""
         head_dim = m.head_dim or m.d_model // m.n_heads
+        if m.activation:
+            check_choice("activation", m.activation, tuple(ACTIVATIONS), "decoder")
+        gated = ACTIVATIONS[m.activation or STYLE_ACTIVATIONS[m.style]][1]
         if m.d_ff:
             d_ff = m.d_ff
-        elif m.style == "llama":
+        elif gated:
             d_ff = 64 * math.ceil(8 * m.d_model / 3 / 64)
         else:
             d_ff = 4 * m.d_model
@@ -92,6 +130,14 @@ class DecoderConfig:
             dtype=m.dtype,
             remat=m.remat,
             scan_unroll=m.scan_unroll,
+            activation=m.activation or STYLE_ACTIVATIONS[m.style],
+            qkv_bias=m.qkv_bias,
+            rope_scaling=m.rope_scaling,
+            rope_scaling_factor=m.rope_scaling_factor,
+            rope_low_freq_factor=m.rope_low_freq_factor,
+            rope_high_freq_factor=m.rope_high_freq_factor,
+            rope_original_max_position_embeddings=m.rope_original_max_position_embeddings,
+            sliding_window=m.sliding_window,
         )
 
     def flops_per_token(self, seq_len: int) -> float:
@@ -100,7 +146,7 @@ class DecoderConfig:
         plus 12 x layers x heads x head_dim x sequence length for attention."""
         d, f, n, k, h, v = self.d_model, self.d_ff, self.n_heads, self.n_kv_heads, self.head_dim, self.vocab_size
         attn = d * h * (2 * n + 2 * k)
-        mlp = d * f * (3 if self.style == "llama" else 2)
+        mlp = d * f * (3 if ACTIVATIONS[self.mlp_activation][1] else 2)
         matmul_params = self.n_layers * (attn + mlp) + d * v
         return 6.0 * matmul_params + 12.0 * self.n_layers * n * h * seq_len
 
@@ -113,8 +159,8 @@ class Block(nnx.Module):
         else:
             self.attn_norm = LayerNorm(cfg.d_model, cfg.norm_eps, cfg.use_bias)
             self.mlp_norm = LayerNorm(cfg.d_model, cfg.norm_eps, cfg.use_bias)
-        self.attn = Attention(cfg, rngs=rngs)
-        self.mlp = MLP(cfg, rngs=rngs)
+        self.attn = Attention(cfg, rngs=rngs, qkv_bias=cfg.qkv_bias, rope_scaling=cfg.rope_scaling_params())
+        self.mlp = MLP(cfg, rngs=rngs, activation=cfg.mlp_activation)
         self.dropout_rate = cfg.dropout
 
     def __call__(self, x_btd, doc_pos_bt, mask_b1ts, kv, cache_index, rng):
@@ -130,8 +176,18 @@ class Decoder(nnx.Module):
     """``Decoder(cfg, rngs=...)(tokens)`` -> float32 logits ``(b, t, vocab)``."""
 
     config_class = DecoderConfig
-    config_defaults = dict(TRANSFORMER_DEFAULTS)
-    config_choices = TRANSFORMER_CHOICES
+    config_defaults = dict(
+        TRANSFORMER_DEFAULTS,
+        activation="",  # "": from style (llama -> swiglu, gpt2 -> gelu) | swiglu | geglu | gelu | relu | gelu_tanh
+        qkv_bias=False,  # biases on the q/k/v projections only (Qwen2)
+        rope_scaling="",  # "" | llama3 (Llama 3.1 frequency scaling, with the HF rope_scaling fields below)
+        rope_scaling_factor=8.0,
+        rope_low_freq_factor=1.0,
+        rope_high_freq_factor=4.0,
+        rope_original_max_position_embeddings=8192,
+        sliding_window=0,  # 0: full causal attention; else keys within this many positions (Mistral)
+    )
+    config_choices = dict(TRANSFORMER_CHOICES, activation=("",) + tuple(ACTIVATIONS), rope_scaling=("", "llama3"))
 
     def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -204,7 +260,8 @@ class Decoder(nnx.Module):
         doc_pos = row_q if positions is None else positions
         seg_q = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
         if cache is None:
-            mask = attention_mask(seg_q, seg_q, row_q, row_q, q_prefix_bt=prefix_mask, k_prefix_bs=prefix_mask)
+            mask = attention_mask(seg_q, seg_q, row_q, row_q, q_prefix_bt=prefix_mask, k_prefix_bs=prefix_mask,
+                                  sliding_window=c.sliding_window)
             kv_in, k_valid = None, None
         else:
             s = cache["k"].shape[2]
@@ -214,7 +271,7 @@ class Decoder(nnx.Module):
             if prefix_mask is not None:  # this chunk's prefix flags at its place in the cache
                 k_prefix = jax.lax.dynamic_update_slice_in_dim(jnp.zeros((b, s), bool), prefix_mask, start, axis=1)
             mask = attention_mask(jnp.ones((b, t), jnp.int32), jnp.ones((b, s), jnp.int32), row_q, row_k, k_valid,
-                                  q_prefix_bt=prefix_mask, k_prefix_bs=k_prefix)
+                                  q_prefix_bt=prefix_mask, k_prefix_bs=k_prefix, sliding_window=c.sliding_window)
             kv_in = (cache["k"], cache["v"])
 
         x = self.embed[...][tokens_bt].astype(dt)

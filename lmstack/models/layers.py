@@ -8,6 +8,7 @@ heads, h head width, f MLP width, v vocabulary.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable
 
@@ -113,10 +114,39 @@ def make_norm(kind: str, d: int, eps: float, use_bias: bool) -> RMSNorm | LayerN
     raise ValueError(f"norm {kind!r} is not one of {', '.join(NORMS)}")
 
 
-def rope(x_bthd: Array, positions_bt: Array, theta: float) -> Array:
+@dataclasses.dataclass(frozen=True)
+class Llama3RopeScaling:
+    """Llama 3.1's ``rope_scaling`` of type ``llama3`` (HF names and Meta's defaults)."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: Llama3RopeScaling | None = None) -> Array:
+    """RoPE inverse frequencies ``theta^(-2i/h)``, (h/2,) float32.
+
+    With ``scaling`` (Llama 3.1, HF ``_compute_llama3_parameters``): wavelengths longer than
+    ``original_max_position_embeddings / low_freq_factor`` are stretched by ``factor``,
+    those shorter than ``original / high_freq_factor`` are kept, and the band between
+    interpolates linearly in ``original / wavelength``.
+    """
+    inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    if scaling is None:
+        return inv_freq
+    s = scaling
+    wavelen = 2 * math.pi / inv_freq
+    smooth = ((s.original_max_position_embeddings / wavelen - s.low_freq_factor)
+              / (s.high_freq_factor - s.low_freq_factor))
+    smooth = jnp.clip(smooth, 0.0, 1.0)  # 0 beyond the low-frequency wavelength, 1 below the high-frequency one
+    return (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
+
+
+def rope(x_bthd: Array, positions_bt: Array, theta: float, scaling: Llama3RopeScaling | None = None) -> Array:
     """Rotary position embedding (rotate-half form, as in Llama) applied in float32."""
     h = x_bthd.shape[-1]
-    freqs = theta ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)  # (h/2,)
+    freqs = rope_inv_freq(h, theta, scaling)  # (h/2,)
     angles = positions_bt[..., None].astype(jnp.float32) * freqs  # (b, t, h/2)
     sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
     x = x_bthd.astype(jnp.float32)
@@ -144,6 +174,7 @@ def attention_mask(
     *,
     q_prefix_bt: Array | None = None,
     k_prefix_bs: Array | None = None,
+    sliding_window: int = 0,
 ) -> Array:
     """Causal mask that never crosses a document: (b, 1, t, s) booleans.
 
@@ -154,11 +185,17 @@ def attention_mask(
     Prefix LM: where ``q_prefix`` and ``k_prefix`` (booleans, True on each document's
     prefix tokens) are both true, a query also sees later keys of its document, so the
     prefix attends to itself bidirectionally while everything after it stays causal.
+
+    ``sliding_window`` > 0 (Mistral): a query sees only keys with ``q_pos - k_pos <
+    sliding_window``, as HF ``sliding_window_overlay`` (the query itself and the window - 1
+    keys before it).
     """
     same_doc = q_segment_bt[:, :, None] == k_segment_bs[:, None, :]
     visible = q_pos_bt[:, :, None] >= k_pos_bs[:, None, :]
     if q_prefix_bt is not None and k_prefix_bs is not None:
         visible = visible | (q_prefix_bt.astype(bool)[:, :, None] & k_prefix_bs.astype(bool)[:, None, :])
+    if sliding_window > 0:
+        visible = visible & (q_pos_bt[:, :, None] - k_pos_bs[:, None, :] < sliding_window)
     mask = same_doc & visible
     if k_valid_bs is not None:
         mask = mask & k_valid_bs[:, None, :]
@@ -241,9 +278,14 @@ class Attention(nnx.Module):
     projection's init; default ``init_std / sqrt(2 * cfg.n_layers)``) let families without
     ``style`` / ``n_layers`` (encoder, encoder-decoder) choose them. Cross-attention is
     this module called with ``context_bsd``: keys and values come from the context.
+
+    Biases: ``cfg.use_bias`` puts one on every projection (GPT-2, BERT); ``qkv_bias`` on the
+    query, key and value projections only (Qwen2). ``rope_scaling`` rescales the RoPE
+    frequencies (Llama 3.1).
     """
 
-    def __init__(self, cfg: Any, *, rngs: nnx.Rngs, use_rope: bool | None = None, out_std: float | None = None):
+    def __init__(self, cfg: Any, *, rngs: nnx.Rngs, use_rope: bool | None = None, out_std: float | None = None,
+                 qkv_bias: bool = False, rope_scaling: Llama3RopeScaling | None = None):
         d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         if out_std is None:
             out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
@@ -251,14 +293,17 @@ class Attention(nnx.Module):
         self.k = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg.init_std)
         self.v = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg.init_std)
         self.o = param(rngs, (n, h, d), ("heads", "head_dim", "embed"), out_std)
-        if cfg.use_bias:
+        self.qkv_bias = cfg.use_bias or qkv_bias
+        if self.qkv_bias:
             self.q_bias = zeros_param((n, h), ("heads", "head_dim"))
             self.k_bias = zeros_param((k, h), ("kv_heads", "head_dim"))
             self.v_bias = zeros_param((k, h), ("kv_heads", "head_dim"))
+        if cfg.use_bias:
             self.o_bias = zeros_param((d,), ("norm",))
         self.use_bias = cfg.use_bias
         self.use_rope = cfg.style == "llama" if use_rope is None else use_rope
         self.rope_theta = cfg.rope_theta
+        self.rope_scaling = rope_scaling
         self.dtype = jnp.dtype(cfg.dtype)
 
     def __call__(self, x_btd: Array, doc_pos_bt: Array, mask_b1ts: Array, kv: tuple[Array, Array] | None,
@@ -274,12 +319,13 @@ class Attention(nnx.Module):
         q = dense(x_btd, self.q[...].astype(dt))  # (b, t, n, h)
         k = dense(src_bsd, self.k[...].astype(dt))  # (b, s, k, h)
         v = dense(src_bsd, self.v[...].astype(dt))
-        if self.use_bias:
+        if self.qkv_bias:
             q = q + self.q_bias[...].astype(dt)
             k = k + self.k_bias[...].astype(dt)
             v = v + self.v_bias[...].astype(dt)
         if self.use_rope:
-            q, k = rope(q, doc_pos_bt, self.rope_theta), rope(k, doc_pos_bt, self.rope_theta)
+            q = rope(q, doc_pos_bt, self.rope_theta, self.rope_scaling)
+            k = rope(k, doc_pos_bt, self.rope_theta, self.rope_scaling)
         q = constrain(q, ("batch", "activation_length", "activation_heads", None))
         if kv is not None:  # decoding: write this chunk into the cache, attend to all of it
             k_cache, v_cache = kv
@@ -303,12 +349,14 @@ def _gelu_tanh(x: Array) -> Array:
 
 
 # name -> (nonlinearity, gated). swiglu: Llama; geglu: T5 v1.1's gated-gelu (tanh form);
-# gelu: BERT / GPT-2 (exact erf form, as the gpt2 decoder uses); relu: original T5.
+# gelu: BERT (exact erf form, as nanoGPT and the gpt2 decoder's default use); gelu_tanh: OpenAI
+# GPT-2 (HF ``gelu_new``, the tanh approximation); relu: original T5.
 ACTIVATIONS: dict[str, tuple[Callable[[Array], Array], bool]] = {
     "swiglu": (jax.nn.silu, True),
     "geglu": (_gelu_tanh, True),
     "gelu": (_gelu_exact, False),
     "relu": (jax.nn.relu, False),
+    "gelu_tanh": (_gelu_tanh, False),
 }
 
 
