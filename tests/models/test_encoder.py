@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from lmstack import registry
+from lmstack.config import compose
 from lmstack.configs.base import base_config
 from lmstack.models.encoder import Encoder, EncoderConfig, pool
 from lmstack.models.layers import relative_position_bucket
@@ -27,8 +28,10 @@ RELATIVE = dict(style="llama", positions="relative", activation="geglu")
 
 
 def model_section(**kw):
-    m = base_config().model
-    m.update(name="encoder", vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, d_ff=64, init_std=0.2)
+    c = base_config()
+    c.model.name = "encoder"
+    m = compose(c).model
+    m.update(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, d_ff=64, init_std=0.2)
     m.update(kw)
     return m
 

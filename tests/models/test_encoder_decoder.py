@@ -10,6 +10,7 @@ import optax
 import pytest
 from flax import nnx
 
+from lmstack.config import compose
 from lmstack.configs.base import base_config
 from lmstack.models.encoder_decoder import EncoderDecoder, EncoderDecoderConfig
 from lmstack.sharding import batch_sharding, make_mesh
@@ -20,8 +21,10 @@ VOCAB, S, T = 256, 16, 8
 
 
 def model_section(**kw):
-    m = base_config().model
-    m.update(name="encoder_decoder", vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, d_ff=64, init_std=0.2)
+    c = base_config()
+    c.model.name = "encoder_decoder"
+    m = compose(c).model
+    m.update(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, d_ff=64, init_std=0.2)
     m.update(kw)
     return m
 
@@ -153,7 +156,6 @@ def test_bfloat16_compute_stays_close_to_float32():
 @pytest.mark.parametrize("key, value, message", [
     ("positions", "learned", "model.positions='learned' is not supported by model.encoder_decoder: "
                              "set --config.model.positions to one of relative, rope"),
-    ("norm_position", "post", "model.norm_position='post' is not supported by model.encoder_decoder"),
     ("norm", "batchnorm", "model.norm='batchnorm' is not supported by model.encoder_decoder"),
 ])
 def test_bad_options_name_the_key_and_the_choices(key, value, message):

@@ -7,6 +7,7 @@ import optax
 import pytest
 from flax import nnx
 
+from lmstack.config import compose
 from lmstack.configs.base import base_config
 from lmstack.models.encoder import pool
 from lmstack.models.two_tower import TwoTower, TwoTowerConfig
@@ -18,8 +19,10 @@ VOCAB, T = 256, 12
 
 
 def model_section(**kw):
-    m = base_config().model
-    m.update(name="two_tower", vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, d_ff=64, init_std=0.2,
+    c = base_config()
+    c.model.name = "two_tower"
+    m = compose(c).model
+    m.update(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, d_ff=64, init_std=0.2,
              projection_dim=16)
     m.update(kw)
     return m
