@@ -62,3 +62,15 @@ def corpus_text(n_chars: int = 8000, seed: int = 0) -> str:
         lines.append(line)
         size += len(line) + 1
     return "\n".join(lines) + "\n"
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable-character table (openai/gpt-2 encoder.py), as byte-level BPE vocabularies spell bytes."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))

@@ -50,7 +50,7 @@ DTYPES = {"float32": np.float32, "bfloat16": jax.numpy.bfloat16, "float16": np.f
 # --- safetensors files ------------------------------------------------------------------------------
 
 
-class _Tensors:
+class SafetensorsDir:
     """The tensors of an HF model directory (one ``model.safetensors`` or an index and its
     shards), read lazily one at a time."""
 
@@ -95,7 +95,7 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
     Reads ``model.safetensors`` or the shards that ``model.safetensors.index.json`` lists.
     Raises ConfigError when neither file, or a listed shard, is there.
     """
-    tensors = _Tensors(path)
+    tensors = SafetensorsDir(path)
     return {name: tensors.read(name) for name in tensors.file_of}
 
 
@@ -323,7 +323,7 @@ def load_hf_params(path: str | Path, abstract_params: nnx.State) -> nnx.State:
     """
     cfg_file, _, model_type = _read_config(path)
     style, arch, prefix = FAMILIES[model_type]
-    tensors = _Tensors(path)
+    tensors = SafetensorsDir(path)
     # Checkpoints saved from the base model (OpenAI's gpt2) lack the base-model prefix.
     present = {n if n.startswith(prefix) or n.startswith("lm_head.") else prefix + n: n for n in tensors.file_of}
 

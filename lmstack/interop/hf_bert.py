@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from lmstack.config import ConfigError
+from lmstack.interop.hf import SafetensorsDir, read_safetensors
 
 __all__ = ["hf_bert_model_section", "load_hf_bert_params"]
 
@@ -89,14 +90,8 @@ def _read_json(file: Path) -> dict[str, Any]:
 
 
 def _tensor_names(model_dir: Path) -> list[str]:
-    """Names in ``model.safetensors`` with the ``bert.`` prefix removed, without loading them."""
-    from safetensors import safe_open
-
-    file = model_dir / WEIGHTS_FILE
-    if not file.is_file():
-        raise ConfigError(f"{file} not found: the BERT importer reads a single {WEIGHTS_FILE}")
-    with safe_open(str(file), framework="numpy") as f:
-        return [n.removeprefix(PREFIX) for n in f.keys()]
+    """Tensor names (single file or shards) with the ``bert.`` prefix removed, without loading them."""
+    return [n.removeprefix(PREFIX) for n in SafetensorsDir(model_dir).file_of]
 
 
 def _sentence_transformers_pooling(model_dir: Path) -> str | None:
@@ -206,12 +201,8 @@ def load_hf_bert_params(path: str | Path, abstract_params: nnx.State) -> nnx.Sta
     embeddings, as transformers ties it. Raises ConfigError naming the tensors that are missing,
     unexpected (no parameter holds them) or of the wrong shape.
     """
-    from safetensors.numpy import load_file
-
-    file = Path(path) / WEIGHTS_FILE
-    if not file.is_file():
-        raise ConfigError(f"{file} not found: the BERT importer reads a single {WEIGHTS_FILE}")
-    tensors = {n.removeprefix(PREFIX): t for n, t in load_file(str(file)).items()}
+    file = Path(path) / WEIGHTS_FILE  # where the errors say the tensors are
+    tensors = {n.removeprefix(PREFIX): t for n, t in read_safetensors(path).items()}
     flat = list(nnx.to_flat_state(abstract_params))
     plan = [(p, v, *_sources(p, v.get_value().shape)) for p, v in flat]
 

@@ -16,6 +16,7 @@ from lmstack.configs.base import base_config
 from lmstack.sharding import make_mesh
 from lmstack.trainstate import abstract_state, model_factory
 from tests import numpy_llama
+from tests.helpers import bytes_to_unicode
 
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("tokenizers")
@@ -93,15 +94,6 @@ def test_loss_and_greedy_tokens_match_the_numpy_reference(tokenizer_parts):
 # --- tokenizer: against GPT-2's published byte-level BPE (openai/gpt-2 encoder.py) ---
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
 
 
 # GPT-2's split pattern with \p{L} as [^\W\d_] and \p{N} as \d (exact for the texts below)

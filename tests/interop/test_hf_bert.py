@@ -283,8 +283,8 @@ def test_section_rejects_unsupported_options(tmp_path):
     (tmp_path / "no_weights" / "config.json").write_text(json.dumps(TINY))
     with pytest.raises(ConfigError) as e:
         hf_bert_model_section(tmp_path / "no_weights")
-    assert str(e.value) == (f"{tmp_path / 'no_weights' / 'model.safetensors'} not found: "
-                            f"the BERT importer reads a single model.safetensors")
+    assert str(e.value) == (f"{tmp_path / 'no_weights'}: neither model.safetensors nor model.safetensors.index.json "
+                            f"found: point at a Hugging Face model directory")
 
 
 def load_tiny(tmp_path, tensors, **model):
