@@ -126,7 +126,7 @@ def test_unknown_variant_key_names_allowed(exp_dir: Path) -> None:
 def test_experiment_adding_a_key_is_an_error(exp_dir: Path) -> None:
     msg = _error(load_config, "bad_keys")
     assert msg.startswith(f"{exp_dir / 'bad_keys.py'} sets model.dmodel, which model.decoder does not have: "
-                          f"its keys are d_ff, d_model, ")
+                          f"its keys are activation, d_ff, d_model, ")
 
 
 def test_evaluator_sections_come_from_eval_names(exp_dir: Path) -> None:
@@ -146,7 +146,7 @@ def test_plugin_sections_follow_the_chosen_names(exp_dir: Path) -> None:
     assert "pooling" not in load_config("tiny").model  # the decoder's section has no encoder keys
     msg = _error(load_config, "tiny", ["--config.model.pooling=cls"])
     assert msg.startswith("unknown config key 'model.pooling' (from --config.model.pooling=cls): model.decoder has "
-                          "no key 'pooling'; its keys: d_ff, d_model, ")
+                          "no key 'pooling'; its keys: activation, d_ff, d_model, ")
 
 
 def test_bad_plugin_options_fail_at_load(exp_dir: Path) -> None:
@@ -328,3 +328,10 @@ def test_check_resume_truncates_long_diffs(exp_dir: Path, tmp_path: Path) -> Non
             "optimizer.b2=0.9", "train.seed=1", "data.seed=2"]
     msg = _error(check_resume, load_config("tiny", [f"--config.{k}" for k in keys]), tmp_path)
     assert msg.count(" -> ") == 5 and "... and 2 more" in msg
+
+
+def test_an_evaluator_without_its_data_fails_at_load(exp_dir: Path, tmp_path: Path) -> None:
+    msg = _error(load_config, "tiny", ["--config.eval.names=('fake', 'linear_probe')",
+                                       f"--config.eval.linear_probe.path={tmp_path}"])
+    assert msg == (f"invalid config 'tiny': eval.linear_probe.path={str(tmp_path)!r} has no train.tsv or dev.tsv: "
+                   f"point --config.eval.linear_probe.path at a folder with train.tsv and dev.tsv (label<TAB>sentence)")

@@ -77,7 +77,17 @@ def _features(model: Any, tokenizer: Any, texts: list[str], seq_len: int, batch_
     return np.concatenate(out)
 
 
-@register("eval.linear_probe", config_defaults=DEFAULTS)
+def _problems(cfg) -> list[str]:
+    """Found at load, not after training: the task files must be there."""
+    root = Path(cfg.eval.linear_probe.path)
+    missing = [n for n in ("train.tsv", "dev.tsv") if not (root / n).is_file()]
+    if missing:
+        return [f"eval.linear_probe.path={str(root)!r} has no {' or '.join(missing)}: point "
+                f"--config.eval.linear_probe.path at a folder with train.tsv and dev.tsv (label<TAB>sentence)"]
+    return []
+
+
+@register("eval.linear_probe", config_defaults=DEFAULTS, config_problems=_problems)
 def linear_probe(ctx: EvalContext) -> Iterator[tuple[str, float]]:
     """Yields dev ``accuracy`` (and ``train_accuracy``) of a linear probe on frozen features."""
     settings = ctx.cfg.eval.linear_probe
