@@ -13,7 +13,13 @@ trainer, evaluators and benchmarks use only this interface:
   ``loss_sum`` is summed over the batch and ``aux["weight"]`` is what it is a sum over
   (tokens, examples, pairs). Every other entry of ``aux`` is a sum too. The trainer divides
   by the total weight after summing over microbatches, so gradient accumulation gives
-  exactly the full-batch update; evaluators sum over batches the same way.
+  exactly the full-batch update; evaluators sum over batches the same way. ``rng`` feeds
+  the model's dropout only (None at evaluation): randomness that shapes a batch (noise,
+  masks, prefix lengths) is drawn per example in the data pipeline, seeded per window,
+  never from ``rng``, so it is the same whichever microbatch an example lands in.
+- ``exact_microbatches`` (class attribute, default True): False where the loss couples the
+  examples of a batch (in-batch negatives), so a split batch trains on something else;
+  :func:`check_microbatches` refuses ``train.microbatches > 1`` for such objectives.
 - ``extra_tokens(cfg)`` (classmethod): how many ids the objective reserves above the
   tokenizer's vocabulary (sentinels, mask and mode tokens); they are the top ids of
   ``model.vocab_size``. Default: none.
@@ -33,6 +39,7 @@ import numpy as np
 
 import jax
 
+from lmstack.config import ConfigError
 from lmstack.data.pipeline import (
     eval_batches,
     train_iterator,
@@ -44,6 +51,8 @@ Aux = dict[str, jax.Array]
 
 
 class Objective(Protocol):
+    exact_microbatches: bool
+
     def __init__(self, cfg: Any) -> None: ...
 
     @classmethod
@@ -56,9 +65,21 @@ class Objective(Protocol):
     def loss_fn(self, model: Any, batch: dict[str, jax.Array], rng: jax.Array | None) -> tuple[jax.Array, Aux]: ...
 
 
+def check_microbatches(objective: type, name: str, microbatches: int) -> None:
+    """Raise :class:`ConfigError` if ``train.microbatches`` would split the batch of an
+    objective whose loss compares the examples of a batch (``exact_microbatches`` False)."""
+    if microbatches != 1 and not getattr(objective, "exact_microbatches", True):
+        raise ConfigError(
+            f"train.microbatches={microbatches}: objective.name={name} compares the examples of a batch with "
+            f"each other (in-batch negatives), so a split batch trains on a different loss: "
+            f"set --config.train.microbatches=1")
+
+
 class WindowObjective:
     """Batches of ``seq_len + 1``-token windows (``tokens``, ``segment_ids``, ``positions``)
     over the run's token stream: random windows for training, consecutive ones for eval."""
+
+    exact_microbatches = True
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
@@ -87,13 +108,15 @@ def normalise(aux: dict[str, Any]) -> dict[str, float]:
 
 class TransformedWindowObjective(WindowObjective):
     """Windows of ``window_length()`` raw tokens, each turned into fixed-length features
-    by ``transform(tokens, rng)`` (a noising function) inside the data pipeline; ``bind``
+    by ``transform(window, rng)`` (a noising function) inside the data pipeline; ``window``
+    holds the 1-D ``tokens``, ``segment_ids`` and ``positions`` of one window, and ``rng`` is
+    seeded per window (``lmstack.data.pipeline.transformed_windows_iterator``). ``bind``
     sees the tokenizer first (for word starts, sentence ends, special ids)."""
 
     def window_length(self) -> int:
         return self.cfg.data.seq_len
 
-    def transform(self, tokens: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    def transform(self, window: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
     def bind(self, tokenizer: Any) -> None:

@@ -24,6 +24,7 @@ import optax
 
 from lmstack.config import ConfigError
 from lmstack.data.pairs import Pair, load_pairs, split_by_group
+from lmstack.objectives.base import check_microbatches
 from lmstack.registry import register
 
 MAX_LOGIT_SCALE = 100.0
@@ -124,17 +125,18 @@ def stack_pairs(pairs: list[tuple[np.ndarray, np.ndarray]], seq_len: int) -> dic
 @register("objective.contrastive")
 class Contrastive:
     """Two-tower contrastive training on (query, document) pairs (``data.source`` =
-    ``stdlib_pairs`` or ``pairs_jsonl``), split by group so evaluation groups are unseen."""
+    ``stdlib_pairs`` or ``pairs_jsonl``), split by group so evaluation groups are unseen.
+    In-batch negatives tie every example's loss to the rest of the batch, so a batch split
+    into microbatches would train on another loss: ``exact_microbatches`` is False."""
+
+    exact_microbatches = False
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
         o = cfg.objective
         if o.loss not in ("infonce", "sigmoid"):
             raise ConfigError(f"objective.loss is {o.loss!r}: must be one of infonce, sigmoid")
-        if cfg.train.microbatches != 1:
-            raise ConfigError(
-                f"train.microbatches={cfg.train.microbatches}: contrastive losses compare every pair in the batch, "
-                f"so the batch cannot be split: set --config.train.microbatches=1")
+        check_microbatches(type(self), cfg.objective.name, cfg.train.microbatches)
         if cfg.train.batch_size < 2:
             raise ConfigError(
                 f"train.batch_size={cfg.train.batch_size}: a contrastive batch needs at least 2 examples "

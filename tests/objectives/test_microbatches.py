@@ -1,0 +1,73 @@
+"""Gradient accumulation is exact for every objective: the same global batch split into 1,
+2 or 4 microbatches trains on the same tokens with the same loss, gradient norm and
+updated parameters (randomness that shapes a batch is drawn per example in the pipeline)."""
+
+import jax
+import numpy as np
+import pytest
+
+from lmstack import registry
+from lmstack.config import ConfigError
+from lmstack.objectives.base import check_microbatches
+from lmstack.optim import make_optimizer
+from lmstack.sharding import batch_sharding, make_mesh
+from lmstack.step import compile_train_step
+from lmstack.trainstate import init_state, model_factory
+from tests.objectives.builders import documents_data, smoke_config
+
+EXPERIMENTS = ["causal_lm", "prefix_lm", "bert_mlm", "t5_span_corruption", "ul2", "bart_denoising"]
+
+
+@pytest.fixture(scope="module")
+def data():
+    return documents_data()
+
+
+def train_two_steps(experiment, microbatches, data):
+    cfg = smoke_config(experiment)
+    cfg.train.microbatches = microbatches
+    objective = registry.lookup("objective", cfg.objective.name)(cfg)
+    it = objective.train_batches(data)
+    batches = [next(it) for _ in range(2)]
+    mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1})
+    make_model, _ = model_factory(cfg, vocab_size=cfg.model.vocab_size)
+    tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
+    graphdef, state, shardings = init_state(make_model, tx, mesh)
+    bsh = batch_sharding(mesh)
+    step = compile_train_step(graphdef, tx, schedule, objective, microbatches, shardings, bsh)
+    logs = []
+    with jax.set_mesh(mesh):
+        for i, b in enumerate(batches):
+            state, metrics = step(state, jax.device_put(b, bsh), jax.random.key(i))
+            logs.append({k: float(v) for k, v in metrics.items()})
+    return logs, jax.tree.leaves(jax.tree.map(np.asarray, state["params"]))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_microbatches_train_exactly_the_full_batch(experiment, data):
+    full, full_params = train_two_steps(experiment, 1, data)
+    assert all(m["skipped"] == 0 and m["tokens"] > 0 for m in full)
+    for n in (2, 4):
+        logs, params = train_two_steps(experiment, n, data)
+        assert [m["tokens"] for m in logs] == [m["tokens"] for m in full], n
+        np.testing.assert_allclose([m["loss"] for m in logs], [m["loss"] for m in full], rtol=0, atol=1e-5)
+        np.testing.assert_allclose([m["grad_norm"] for m in logs], [m["grad_norm"] for m in full], rtol=1e-5)
+        for a, b in zip(params, full_params):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+
+
+def test_in_batch_negatives_refuse_microbatches():
+    contrastive = registry.lookup("objective", "contrastive")
+    assert contrastive.exact_microbatches is False
+    assert all(registry.lookup("objective", n).exact_microbatches for n in
+               ("causal_lm", "prefix_lm", "mlm", "span_corruption", "ul2", "denoising"))
+    check_microbatches(contrastive, "contrastive", 1)
+    with pytest.raises(ConfigError) as e:
+        check_microbatches(contrastive, "contrastive", 2)
+    assert str(e.value) == (
+        "train.microbatches=2: objective.name=contrastive compares the examples of a batch with each other "
+        "(in-batch negatives), so a split batch trains on a different loss: set --config.train.microbatches=1")
+    cfg = smoke_config("code_search_contrastive")
+    cfg.train.microbatches = 4
+    with pytest.raises(ConfigError, match="^train.microbatches=4: objective.name=contrastive compares"):
+        contrastive(cfg)
