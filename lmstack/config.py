@@ -312,6 +312,7 @@ def compose(cfg: mlc.ConfigDict, source: str = "the config") -> mlc.ConfigDict:
 def _plugin_problems(cfg: mlc.ConfigDict, resolve_model: bool) -> list[tuple[tuple[str, ...], str]]:
     """Choices and fit of the chosen plug-ins, and (``resolve_model``, once the rest is valid)
     the model config the family resolves."""
+    from lmstack.objectives.base import microbatch_problems  # objectives import this module
     out: list[tuple[tuple[str, ...], str]] = []
     chosen = [(s, registry.lookup(k, cfg[s].name)) for s, k in PLUGIN_SECTIONS]
     chosen += [(f"eval.{n}", registry.lookup("eval", n)) for n in cfg.eval.names]
@@ -324,6 +325,9 @@ def _plugin_problems(cfg: mlc.ConfigDict, resolve_model: bool) -> list[tuple[tup
         problems = getattr(plugin, "config_problems", None)
         for msg in problems(cfg) if problems else ():
             out.append(((), msg))
+        if section == "objective":
+            for msg in microbatch_problems(plugin, cfg.objective.name, cfg.train.microbatches):
+                out.append((("train.microbatches",), msg))
     if resolve_model and not out:
         try:  # the family's own checks (options that rule each other out), before any side effect
             chosen[0][1].config_class.from_config(cfg.model, vocab_size=1, max_seq_len=cfg.data.seq_len)

@@ -1,4 +1,11 @@
-"""AdamW with warmup and decay, global-norm clipping and weight-decay masks, from config."""
+"""AdamW with warmup and decay, global-norm clipping and weight-decay masks, from config.
+
+The schedule is indexed by the optimizer's own update count (optax's
+``ScaleByScheduleState.count`` in the optimizer state), not by the train step: a step whose
+update is skipped (non-finite loss or gradients, see ``lmstack.step.train_step``) keeps the
+old optimizer state, so it consumes no schedule step; :func:`schedule_count` reads the
+count, and the learning rate an update applies is ``schedule(schedule_count(opt_state))``.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +17,15 @@ from flax import nnx
 
 
 def learning_rate_schedule(opt: Any, total_steps: int) -> optax.Schedule:
-    """Linear warmup from 0 to ``lr``, then cosine / linear decay to ``lr * min_lr_ratio``
-    at ``decay_steps`` (default: the last step), or a constant rate."""
+    """Update count -> learning rate: linear warmup ``lr * (count + 1) / (warmup + 1)`` for
+    the first ``warmup_steps`` updates (nanoGPT's formula: the first update already moves the
+    weights, and the peak ``lr`` comes right after warmup), then cosine / linear decay from
+    ``lr`` to ``lr * min_lr_ratio`` at ``decay_steps`` (default: the last step), or a
+    constant rate."""
     decay_steps = opt.decay_steps or total_steps
     warmup = min(opt.warmup_steps, decay_steps)
     end = opt.lr * opt.min_lr_ratio
-    warm = optax.linear_schedule(0.0, opt.lr, warmup) if warmup else None
+    warm = (lambda count: opt.lr * (count + 1) / (warmup + 1)) if warmup else None
     rest = max(decay_steps - warmup, 1)
     if opt.schedule == "cosine":
         decay = optax.cosine_decay_schedule(opt.lr, rest, alpha=opt.min_lr_ratio)
@@ -24,6 +34,18 @@ def learning_rate_schedule(opt: Any, total_steps: int) -> optax.Schedule:
     else:
         decay = optax.constant_schedule(opt.lr)
     return optax.join_schedules([warm, decay], [warmup]) if warm else decay
+
+
+def schedule_count(opt_state: Any) -> jax.Array:
+    """The number of updates the learning-rate schedule has counted: the ``count`` of the
+    (single) ``optax.ScaleByScheduleState`` in an optimizer state from :func:`make_optimizer`.
+    Raises ValueError if the state holds none or several."""
+    is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)  # noqa: E731
+    found = [x for x in jax.tree.leaves(opt_state, is_leaf=is_schedule) if is_schedule(x)]
+    if len(found) != 1:
+        raise ValueError(f"the optimizer state holds {len(found)} schedule counts (ScaleByScheduleState), "
+                         "not one: build the optimizer with lmstack.optim.make_optimizer")
+    return found[0].count
 
 
 def _logical_names(v: nnx.Variable) -> tuple[str, ...]:
@@ -51,7 +73,8 @@ def weight_decay_mask(params: nnx.State, decay_embeddings: bool) -> nnx.State:
 
 
 def make_optimizer(opt: Any, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """The optax chain and its schedule (the schedule is logged as the learning rate)."""
+    """The optax chain and its schedule; ``schedule(schedule_count(opt_state))`` is the
+    learning rate of the next update (the train step logs it)."""
     schedule = learning_rate_schedule(opt, total_steps)
     adamw = optax.adamw(
         schedule,

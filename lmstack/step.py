@@ -18,6 +18,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lmstack.objectives.base import normalise
+from lmstack.optim import schedule_count
 
 TrainState = dict[str, Any]
 
@@ -67,13 +68,30 @@ def train_step(
     objective: Any,
     microbatches: int,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer update on one global batch; skips the update if loss or grads are not finite."""
+    """One optimizer update on one global batch; returns the new state and the metrics.
+
+    Gradient accumulation: with ``microbatches`` n the batch is split into n row subsets,
+    loss sums, ``aux`` sums and gradients are summed over them and divided by the total
+    ``aux["weight"]`` once, so the update equals the full-batch one (objectives draw every
+    randomness that shapes a batch per example in the data pipeline; an objective with
+    ``exact_microbatches = False`` is refused when the config loads). ``rng`` only feeds
+    the model's dropout: microbatch i gets ``fold_in(rng, i)``, so with dropout the masks
+    (not the batch) differ between microbatch counts, equal in distribution only.
+
+    Non-finite guard: if the loss or the gradient norm is not finite, parameters and
+    optimizer state stay as they were and ``skipped`` is 1. ``step`` still advances (it
+    counts batches consumed), but the skipped update consumes no learning-rate schedule
+    step: the schedule follows the optimizer's update count (``lmstack.optim``), so later
+    updates apply the rates they would have without the bad batch. ``lr`` is the rate this
+    update applied: ``schedule(count)`` before the update, 0 where it was skipped.
+    """
     params = state["params"]
     loss_sum, aux, grads = _loss_and_grads(graphdef, params, state["frozen"], objective, batch, rng, microbatches)
     weight = jnp.maximum(aux["weight"], 1.0)
     grads = jax.tree.map(lambda g: g / weight, grads)
     loss = loss_sum / weight
     grad_norm = optax.tree.norm(grads)
+    lr = schedule(schedule_count(state["opt_state"]))
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -87,7 +105,7 @@ def train_step(
     metrics = {
         "loss": loss,
         "grad_norm": grad_norm,
-        "lr": schedule(state["step"]),
+        "lr": jnp.where(finite, lr, 0.0),
         "tokens": aux["weight"],
         "skipped": 1.0 - finite.astype(jnp.float32),
         **normalise(aux),

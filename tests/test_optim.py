@@ -10,18 +10,33 @@ from lmstack.models.decoder import Decoder, DecoderConfig
 from lmstack.optim import learning_rate_schedule, weight_decay_mask
 
 
+def reference_lr(count, *, lr, warmup, decay_steps, min_lr_ratio, schedule):
+    """nanoGPT's get_lr: warmup lr * (it + 1) / (warmup + 1), then the decay to lr * min_lr_ratio."""
+    if count < warmup:
+        return lr * (count + 1) / (warmup + 1)
+    if schedule == "constant":
+        return lr
+    end = lr * min_lr_ratio
+    ratio = min(count - warmup, decay_steps - warmup) / (decay_steps - warmup)
+    if schedule == "cosine":
+        return end + 0.5 * (1.0 + np.cos(np.pi * ratio)) * (lr - end)
+    return lr + ratio * (end - lr)
+
+
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
-def test_schedule_shape(schedule):
+@pytest.mark.parametrize("warmup", [0, 1, 100])
+def test_schedule_matches_the_formula(schedule, warmup):
     opt = base_config().optimizer
-    opt.lr, opt.min_lr_ratio, opt.warmup_steps, opt.schedule = 1e-3, 0.1, 100, schedule
+    opt.lr, opt.min_lr_ratio, opt.warmup_steps, opt.schedule = 1e-3, 0.1, warmup, schedule
     f = learning_rate_schedule(opt, total_steps=2000)
-    assert float(f(0)) == 0.0
-    np.testing.assert_allclose(float(f(50)), 5e-4, rtol=1e-6)
-    np.testing.assert_allclose(float(f(100)), 1e-3, rtol=1e-6)
-    end = {"cosine": 1e-4, "linear": 1e-4, "constant": 1e-3}[schedule]
-    np.testing.assert_allclose(float(f(2000)), end, rtol=1e-5)
-    if schedule == "cosine":  # halfway through the decay: the cosine's midpoint
-        np.testing.assert_allclose(float(f(1050)), 1e-4 + 0.5 * (1e-3 - 1e-4), rtol=1e-5)
+    counts = np.arange(2101)
+    got = np.array([float(f(c)) for c in counts])
+    want = np.array([reference_lr(c, lr=1e-3, warmup=warmup, decay_steps=2000, min_lr_ratio=0.1, schedule=schedule)
+                     for c in counts])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=0)
+    assert got[0] > 0  # the first update moves the weights
+    assert got[warmup] == pytest.approx(1e-3, rel=1e-6)  # the peak comes right after warmup
+    assert (got[:warmup + 1] <= 1e-3 * (1 + 1e-6)).all()
 
 
 @pytest.mark.parametrize("decay_embeddings", [False, True])

@@ -4,6 +4,14 @@ Every function takes its settings as explicit arguments and its randomness from 
 ``np.random.Generator`` (the pipeline seeds one per example), so its output is a function of
 ``(tokens, settings, seed)``. Bad settings raise :class:`DataError` naming the config key.
 
+Documents: a window may hold several documents, numbered by ``segment_ids`` (1, 2, ...; see
+``lmstack.data.pipeline``). Noise is drawn over the whole window (as T5 corrupts a chunk of
+concatenated documents), and every output token carries the segment id of the raw token it
+stands for: a kept, moved or masked token its own, an inserted sentinel or mask token that
+of the first token of its span (a span of length 0: of the token after it), an EOS that of
+the last token. Models attend only between equal segment ids, so no document sees another.
+``segment_ids=None`` means one document (all ones).
+
 - T5 span corruption: :func:`random_spans_noise_mask`, :func:`span_corruption_lengths`,
   :func:`span_corruption` and its inverse :func:`reassemble`.
 - BERT masked LM: :func:`mlm_mask`.
@@ -119,15 +127,17 @@ def span_corruption(
     sentinel_ids: Sequence[int],
     rng: np.random.Generator,
     eos_id: int | None = None,
-) -> tuple[IntArray, IntArray]:
-    """T5's span corruption: ``(inputs, targets)``, int32.
+    segment_ids: IntArray | None = None,
+) -> tuple[IntArray, IntArray, IntArray, IntArray]:
+    """T5's span corruption: ``(inputs, targets, inputs_segment_ids, targets_segment_ids)``, int32.
 
     In the inputs, noise span ``k`` becomes the single token ``sentinel_ids[k]``; the targets
     are, for each span in order, its sentinel followed by its tokens. With ``eos_id`` both end
     with it. Pass the top ids of the vocabulary in descending order (:func:`top_of_vocab_ids`),
-    as T5 does, and ids the tokens never use.
+    as T5 does, and ids the tokens never use. Segment ids follow the module's rule.
     """
     tokens = np.asarray(tokens)
+    seg = _segments(tokens, segment_ids)
     sentinel_ids = np.asarray(sentinel_ids, np.int64)
     _check_span_args(noise_density, mean_span_length)
     n_spans = _span_counts(len(tokens), noise_density, mean_span_length)[1]
@@ -142,7 +152,11 @@ def span_corruption(
     sentinels = sentinel_ids[np.maximum(np.cumsum(first) - 1, 0)] if n_spans else tokens
     inputs = _interleave(sentinels, first, tokens, ~mask)
     targets = _interleave(sentinels, first, tokens, mask)
-    return _with_eos(inputs, eos_id), _with_eos(targets, eos_id)
+    inputs_seg = _interleave(seg, first, seg, ~mask)
+    targets_seg = _interleave(seg, first, seg, mask)
+    eos_seg = None if eos_id is None else _last_segment(seg)
+    return (_with_eos(inputs, eos_id), _with_eos(targets, eos_id),
+            _with_eos(inputs_seg, eos_seg), _with_eos(targets_seg, eos_seg))
 
 
 def reassemble(
@@ -208,6 +222,21 @@ def _interleave(a: IntArray, keep_a: np.ndarray, b: IntArray, keep_b: np.ndarray
 
 def _with_eos(x: IntArray, eos_id: int | None) -> IntArray:
     return x if eos_id is None else np.append(x, np.int32(eos_id))
+
+
+def _segments(tokens: IntArray, segment_ids: IntArray | None) -> IntArray:
+    """The tokens' segment ids as int32 (None: one document, all ones)."""
+    if segment_ids is None:
+        return np.ones(len(tokens), np.int32)
+    seg = np.asarray(segment_ids, np.int32)
+    if seg.shape != np.shape(tokens):
+        raise DataError(f"noise segment_ids: shape {seg.shape} differs from the tokens' {np.shape(tokens)}: "
+                        "pass one segment id per token")
+    return seg
+
+
+def _last_segment(seg: IntArray) -> int:
+    return int(seg[-1]) if len(seg) else 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,24 +325,27 @@ def text_infilling(
     mask_id: int,
     mask_ratio: float = 0.3,
     poisson_lambda: float = 3.0,
-) -> IntArray:
-    """BART's text infilling; the target is ``tokens`` itself.
+    segment_ids: IntArray | None = None,
+) -> tuple[IntArray, IntArray]:
+    """BART's text infilling: ``(noisy, noisy_segment_ids)``; the target is ``tokens`` itself.
 
     Span lengths are drawn from Poisson(``poisson_lambda``) until they cover
     ``ceil(mask_ratio * len)`` tokens (the last one trimmed to fit, as fairseq does). Each span
     becomes one ``mask_id``; a length-0 span inserts one. Spans sit at distinct random gaps
     between kept tokens, so no two masks are adjacent and every masked token is in exactly one
     span. (Where there are more spans than gaps, only in tiny sequences, the surplus spans join
-    the last placed one.)
+    the last placed one.) Segment ids follow the module's rule (a mask at the very end takes
+    the last token's).
     """
     tokens = np.asarray(tokens)
+    seg = _segments(tokens, segment_ids)
     if not 0 <= mask_ratio <= 1:
         raise DataError(f"objective.mask_ratio: {mask_ratio} is outside [0, 1]: pass e.g. 0.3")
     if not poisson_lambda > 0:
         raise DataError(f"objective.poisson_lambda: {poisson_lambda} is not positive: pass e.g. 3.0")
     n_masked = math.ceil(len(tokens) * mask_ratio)
     if n_masked == 0:
-        return tokens.astype(np.int32)
+        return tokens.astype(np.int32), seg
     lengths = np.zeros(0, np.int64)
     while lengths.sum() < n_masked:
         lengths = np.concatenate([lengths, rng.poisson(poisson_lambda, int(n_masked / poisson_lambda) + 8)])
@@ -329,26 +361,41 @@ def text_infilling(
     has_span = np.zeros(n_gaps, bool)
     gaps = rng.choice(n_gaps, len(lengths), replace=False)
     gap_length[gaps], has_span[gaps] = lengths, True
-    kept = tokens[np.cumsum(gap_length)[:-1] + np.arange(n_kept)]
-    kept_and_end = np.append(kept, 0)
-    return _interleave(np.int64(mask_id), has_span, kept_and_end, np.arange(n_gaps) < n_kept)
+    # raw index where gap g's span starts (the kept tokens and spans before it)
+    span_start = np.cumsum(gap_length) - gap_length + np.arange(n_gaps)
+    kept_index = span_start[:-1] + gap_length[:-1]
+    is_kept = np.arange(n_gaps) < n_kept
+    noisy = _interleave(np.int64(mask_id), has_span, np.append(tokens[kept_index], 0), is_kept)
+    span_seg = seg[np.minimum(span_start, len(tokens) - 1)]
+    noisy_seg = _interleave(span_seg, has_span, np.append(seg[kept_index], 0), is_kept)
+    return noisy, noisy_seg
 
 
 def sentence_permutation(
-    tokens: IntArray, *, rng: np.random.Generator, sentence_end_ids: Sequence[int]
-) -> IntArray:
-    """BART's sentence permutation; the target is ``tokens`` itself.
+    tokens: IntArray, *, rng: np.random.Generator, sentence_end_ids: Sequence[int],
+    segment_ids: IntArray | None = None,
+) -> tuple[IntArray, IntArray]:
+    """BART's sentence permutation: ``(permuted, permuted_segment_ids)``; the target is
+    ``tokens`` itself.
 
-    A sentence ends after each id in ``sentence_end_ids`` (a trailing piece without one is a
-    sentence too); the sentences are shuffled and concatenated.
+    A sentence ends after each id in ``sentence_end_ids`` and at each document end (a
+    trailing piece without one is a sentence too); the sentences are shuffled and
+    concatenated. Every token keeps its segment id, so each document's sentences, read in
+    its own segment, are a uniform permutation of them (as if each were shuffled alone).
     """
     tokens = np.asarray(tokens)
+    seg = _segments(tokens, segment_ids)
     if not len(sentence_end_ids):
         raise DataError("objective.sentence_end_ids: empty: pass the ids of '.', '\\n' and the like")
     ends = np.flatnonzero(np.isin(tokens, np.asarray(sentence_end_ids, np.int64))) + 1
-    sentences = np.split(tokens, ends[ends < len(tokens)])
-    order = rng.permutation(len(sentences))
-    return np.concatenate([sentences[i] for i in order]).astype(np.int32)
+    ends = np.union1d(ends[ends < len(tokens)], np.flatnonzero(np.diff(seg)) + 1)
+    order = rng.permutation(len(ends) + 1)
+
+    def permute(x: IntArray) -> IntArray:
+        pieces = np.split(x, ends)
+        return np.concatenate([pieces[i] for i in order]).astype(np.int32)
+
+    return permute(tokens), permute(seg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,11 +459,14 @@ def ul2_example(
     targets_length: int,
     eos_id: int | None = None,
     pad_id: int = 0,
+    segment_ids: IntArray | None = None,
 ) -> dict[str, np.ndarray | int]:
     """One UL2 example from ``tokens`` by a denoiser drawn with probabilities ``rates``
     (normalised): ``inputs`` int32 ``[inputs_length]`` (the mode token, then the corrupted
-    tokens or the prefix), ``targets`` int32 ``[targets_length]``, ``inputs_mask`` and
-    ``targets_mask`` (bool, False on padding ``pad_id``), and ``mode`` (the denoiser's index).
+    tokens or the prefix), ``targets`` int32 ``[targets_length]``, their
+    ``inputs_segment_ids`` and ``targets_segment_ids`` (int32, 0 on padding ``pad_id``; the
+    module's rule, the mode token in the first token's segment) and ``mode`` (the
+    denoiser's index).
 
     Span denoisers corrupt the first raw tokens that fill the inputs exactly
     (:func:`span_corruption_lengths` of ``inputs_length - 1``); targets longer than
@@ -425,6 +475,7 @@ def ul2_example(
     cut. With ``eos_id``, inputs and targets end with it (before any padding).
     """
     tokens = np.asarray(tokens)
+    seg = _segments(tokens, segment_ids)
     rates = np.asarray(rates, np.float64)
     if len(rates) != len(denoisers) or not len(rates) or (rates < 0).any() or not rates.sum() > 0:
         raise DataError(
@@ -452,9 +503,9 @@ def ul2_example(
     if d.kind == "span":
         raw, _ = span_corruption_lengths(inputs_length - 1, d.noise_density, d.mean_span_length,
                                          with_eos=eos_id is not None)
-        inputs, targets = span_corruption(
+        inputs, targets, inputs_seg, targets_seg = span_corruption(
             tokens[:raw], noise_density=d.noise_density, mean_span_length=d.mean_span_length,
-            sentinel_ids=sentinel_ids, rng=rng, eos_id=eos_id,
+            sentinel_ids=sentinel_ids, rng=rng, eos_id=eos_id, segment_ids=seg[:raw],
         )
     else:
         prefix_max, continuation_max = _prefix_budget(inputs_length, targets_length, eos_id is not None)
@@ -464,9 +515,14 @@ def ul2_example(
                             "raise data.seq_len")
         split = int(rng.integers(max(1, n - continuation_max), min(n - 1, prefix_max) + 1))
         inputs, targets = _with_eos(tokens[:split], eos_id), _with_eos(tokens[split:n], eos_id)
-    inputs, inputs_mask = _fit(np.concatenate([[d.mode_token_id], inputs]), inputs_length, pad_id)
-    targets, targets_mask = _fit(targets, targets_length, pad_id)
-    return dict(inputs=inputs, targets=targets, inputs_mask=inputs_mask, targets_mask=targets_mask, mode=mode)
+        eos_at = lambda s: None if eos_id is None else _last_segment(s)  # noqa: E731
+        inputs_seg = _with_eos(seg[:split], eos_at(seg[:split]))
+        targets_seg = _with_eos(seg[split:n], eos_at(seg[split:n]))
+    first_seg = seg[:1] if len(seg) else np.ones(1, np.int32)
+    inputs = _fit(np.concatenate([[d.mode_token_id], inputs]), inputs_length, pad_id)
+    inputs_seg = _fit(np.concatenate([first_seg, inputs_seg]), inputs_length, 0)
+    return dict(inputs=inputs, targets=_fit(targets, targets_length, pad_id), inputs_segment_ids=inputs_seg,
+                targets_segment_ids=_fit(targets_seg, targets_length, 0), mode=mode)
 
 
 def _prefix_budget(inputs_length: int, targets_length: int, with_eos: bool) -> tuple[int, int]:
@@ -474,8 +530,7 @@ def _prefix_budget(inputs_length: int, targets_length: int, with_eos: bool) -> t
     return inputs_length - 1 - int(with_eos), targets_length - int(with_eos)
 
 
-def _fit(x: IntArray, length: int, pad_id: int) -> tuple[IntArray, np.ndarray]:
-    """``x`` cut or padded with ``pad_id`` to ``length``, and a mask of its real tokens."""
+def _fit(x: IntArray, length: int, pad_id: int) -> IntArray:
+    """``x`` cut or padded with ``pad_id`` to ``length``, int32."""
     x = x[:length]
-    n = len(x)
-    return np.pad(x, (0, length - n), constant_values=pad_id).astype(np.int32), np.arange(length) < n
+    return np.pad(x, (0, length - len(x)), constant_values=pad_id).astype(np.int32)

@@ -206,24 +206,42 @@ def packed_examples_iterator(
     return iter(packed.batch(batch_size, drop_remainder=True))
 
 
-Transform = Callable[[np.ndarray, np.random.Generator], Mapping[str, np.ndarray]]
+Transform = Callable[[Batch, np.random.Generator], Mapping[str, np.ndarray]]
+
+
+def segment_positions(segment_ids: np.ndarray) -> np.ndarray:
+    """int32 ``[n]`` positions counting each segment's tokens in order: ``positions[i]`` is
+    how many earlier entries of ``segment_ids`` (1-D) equal ``segment_ids[i]``. For
+    contiguous documents this is :meth:`TokenStream.windows`'s positions; it also numbers a
+    document whose tokens a noising transform moved apart (sentence permutation) or
+    interleaved with inserted tokens (sentinels, masks)."""
+    seg = np.asarray(segment_ids)
+    order = np.argsort(seg, kind="stable")
+    first = np.searchsorted(seg[order], seg[order], side="left")
+    positions = np.empty(len(seg), np.int32)
+    positions[order] = np.arange(len(seg)) - first
+    return positions
 
 
 def transformed_windows_iterator(
     stream: TokenStream, *, window_length: int, batch_size: int, seed: int, transform: Transform
 ) -> grain.DatasetIterator:
     """An endless grain iterator like :func:`train_iterator`, but each window of
-    ``window_length`` tokens goes through ``transform(tokens, rng)`` (a noising function:
-    span corruption, masking, ...) and the batch stacks its fixed-length outputs. The rng
-    of window ``g`` is seeded by ``(seed, g)``: batches are deterministic and resumable."""
+    ``window_length`` tokens goes through ``transform(window, rng)`` (a noising function:
+    span corruption, masking, a prefix draw, ...) and the batch stacks its fixed-length
+    outputs. ``window`` holds the 1-D ``tokens``, ``segment_ids`` and ``positions`` of one
+    window (documents numbered from 1, as in :meth:`TokenStream.windows`). The rng of window
+    ``g`` is seeded by ``(seed, g)``: every random choice is per example, so batches are
+    deterministic, resumable and the same however a step splits them into microbatches."""
     _check_positive(**{"window length": window_length, "train.batch_size": batch_size})
     _check_stream(stream, window_length - 1)
     windows = _RandomWindows(stream, window_length - 1, batch_size, seed)
 
     def make(batch_index: int) -> Batch:
-        tokens = windows(batch_index)["tokens"]
+        batch = windows(batch_index)
         first = batch_index * batch_size
-        rows = [transform(t, np.random.default_rng([seed, first + r])) for r, t in enumerate(tokens)]
+        rows = [transform({k: v[r] for k, v in batch.items()}, np.random.default_rng([seed, first + r]))
+                for r in range(batch_size)]
         return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
     ds = grain.MapDataset.range(sys.maxsize).map(make)
@@ -234,8 +252,8 @@ def transformed_eval_batches(
     stream: TokenStream, *, window_length: int, batch_size: int, max_batches: int, seed: int, transform: Transform
 ) -> list[Batch]:
     """Consecutive non-overlapping windows from the start of ``stream``, each transformed
-    with an rng seeded by ``(seed, window index)``; only whole batches (at most ``max_batches``,
-    0: all that fit)."""
+    (as in :func:`transformed_windows_iterator`) with an rng seeded by ``(seed, window
+    index)``; only whole batches (at most ``max_batches``, 0: all that fit)."""
     _check_stream(stream, window_length - 1)
     n = len(stream) // window_length
     n_batches = n // batch_size if not max_batches else min(max_batches, n // batch_size)
@@ -244,8 +262,8 @@ def transformed_eval_batches(
         rows = []
         for r in range(batch_size):
             g = (b * batch_size + r) % n
-            rows.append(transform(stream.tokens[g * window_length:(g + 1) * window_length],
-                                  np.random.default_rng([seed, g])))
+            window = {k: v[0] for k, v in stream.windows(np.array([g * window_length]), window_length).items()}
+            rows.append(transform(window, np.random.default_rng([seed, g])))
         batches.append({k: np.stack([row[k] for row in rows]) for k in rows[0]})
     return batches
 

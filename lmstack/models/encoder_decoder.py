@@ -9,7 +9,9 @@ decoder share one token table by default; the output head is tied to the decoder
 or separate.
 
 Packed rows: encoder and decoder rows carry segment ids numbering the same examples, and a
-decoder token attends only to encoder tokens of its own segment id (0 = padding).
+decoder token attends only to encoder tokens of its own segment id (0 = padding). A decoder
+token whose segment has no encoder token (a document that fell wholly into the targets)
+gets nothing from cross-attention rather than a uniform average over other documents.
 """
 
 from __future__ import annotations
@@ -168,12 +170,12 @@ class DecoderBlock(nnx.Module):
         self.mlp = MLP(cfg, rngs=rngs, activation=cfg.activation, out_std=out_std)
         self.dropout_rate = cfg.dropout
 
-    def __call__(self, x_btd, encoded_bsd, doc_pos_bt, self_mask, cross_mask, self_bias, rng):
+    def __call__(self, x_btd, encoded_bsd, doc_pos_bt, self_mask, cross_mask, has_context_bt1, self_bias, rng):
         r_self, r_cross, r_mlp = jax.random.split(rng, 3) if rng is not None else (None, None, None)
         h, _ = self.self_attn(self.self_norm(x_btd), doc_pos_bt, self_mask, None, None, bias_bnts=self_bias)
         x_btd = x_btd + dropout(h, self.dropout_rate, r_self)
         h, _ = self.cross_attn(self.cross_norm(x_btd), doc_pos_bt, cross_mask, None, None, context_bsd=encoded_bsd)
-        x_btd = x_btd + dropout(h, self.dropout_rate, r_cross)
+        x_btd = x_btd + dropout(h * has_context_bt1, self.dropout_rate, r_cross)
         x_btd = x_btd + dropout(self.mlp(self.mlp_norm(x_btd)), self.dropout_rate, r_mlp)
         return constrain(x_btd, ("batch", "activation_length", "activation_embed"))
 
@@ -245,6 +247,7 @@ class EncoderDecoder(nnx.Module):
         enc_seg = jnp.ones((b, s), jnp.int32) if input_segment_ids is None else input_segment_ids
         self_mask = attention_mask(dec_seg, dec_seg, row, row)
         cross_mask = segment_mask(dec_seg, enc_seg)
+        has_context = jnp.any(cross_mask[:, 0], axis=-1, keepdims=True).astype(dt)  # (b, t, 1)
         self_bias = self.decoder_relpos(doc_pos, doc_pos) if c.positions == "relative" else None
 
         table = self._decoder_table()
@@ -255,7 +258,7 @@ class EncoderDecoder(nnx.Module):
         layer_rngs = None if rng is None else jax.random.split(rng, c.n_decoder_layers)
 
         def body(x_btd, block, layer_rng):
-            return block(x_btd, encoded_bsd, doc_pos, self_mask, cross_mask, self_bias, layer_rng)
+            return block(x_btd, encoded_bsd, doc_pos, self_mask, cross_mask, has_context, self_bias, layer_rng)
 
         if c.remat != "none":
             body = nnx.remat(body, policy=REMAT_POLICIES[c.remat], prevent_cse=False)

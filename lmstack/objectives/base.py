@@ -13,7 +13,13 @@ trainer, evaluators and benchmarks use only this interface:
   ``loss_sum`` is summed over the batch and ``aux["weight"]`` is what it is a sum over
   (tokens, examples, pairs). Every other entry of ``aux`` is a sum too. The trainer divides
   by the total weight after summing over microbatches, so gradient accumulation gives
-  exactly the full-batch update; evaluators sum over batches the same way.
+  exactly the full-batch update; evaluators sum over batches the same way. ``rng`` feeds
+  the model's dropout only (None at evaluation): randomness that shapes a batch (noise,
+  masks, prefix lengths) is drawn per example in the data pipeline, seeded per window,
+  never from ``rng``, so it is the same whichever microbatch an example lands in.
+- ``exact_microbatches`` (class attribute, default True): False where the loss couples the
+  examples of a batch (in-batch negatives), so a split batch trains on something else;
+  the loader refuses ``train.microbatches > 1`` for such objectives.
 - ``config_defaults`` (class attribute): the objective's own keys of ``config.objective``
   with their defaults, and ``config_choices``: the allowed values of its string keys. The
   loader composes the section from them, so a key the objective lacks is an error.
@@ -50,6 +56,7 @@ Aux = dict[str, jax.Array]
 class Objective(Protocol):
     config_defaults: dict[str, Any]
     config_choices: dict[str, tuple]
+    exact_microbatches: bool
 
     def __init__(self, cfg: Any, special_ids: Mapping[str, int]) -> None: ...
 
@@ -63,12 +70,24 @@ class Objective(Protocol):
     def loss_fn(self, model: Any, batch: dict[str, jax.Array], rng: jax.Array | None) -> tuple[jax.Array, Aux]: ...
 
 
+def microbatch_problems(objective: type, name: str, microbatches: int) -> list[str]:
+    """The load-time error (one line, in a list) when ``train.microbatches`` would split the
+    batch of an objective whose loss compares the examples of a batch (``exact_microbatches``
+    False); an empty list otherwise."""
+    if microbatches != 1 and not getattr(objective, "exact_microbatches", True):
+        return [f"train.microbatches={microbatches}: objective.name={name} compares the examples of a batch with "
+                f"each other (in-batch negatives), so a split batch trains on a different loss: "
+                f"set --config.train.microbatches=1"]
+    return []
+
+
 class WindowObjective:
     """Batches of ``seq_len + 1``-token windows (``tokens``, ``segment_ids``, ``positions``)
     over the run's token stream: random windows for training, consecutive ones for eval."""
 
     config_defaults: dict[str, Any] = {}
     config_choices: dict[str, tuple] = {}
+    exact_microbatches = True
 
     def __init__(self, cfg: Any, special_ids: Mapping[str, int] | None = None):
         self.cfg = cfg
@@ -98,13 +117,15 @@ def normalise(aux: dict[str, Any]) -> dict[str, float]:
 
 class TransformedWindowObjective(WindowObjective):
     """Windows of ``window_length()`` raw tokens, each turned into fixed-length features
-    by ``transform(tokens, rng)`` (a noising function) inside the data pipeline; ``bind``
+    by ``transform(window, rng)`` (a noising function) inside the data pipeline; ``window``
+    holds the 1-D ``tokens``, ``segment_ids`` and ``positions`` of one window, and ``rng`` is
+    seeded per window (``lmstack.data.pipeline.transformed_windows_iterator``). ``bind``
     sees the tokenizer first (for word starts, sentence ends, special ids)."""
 
     def window_length(self) -> int:
         return self.cfg.data.seq_len
 
-    def transform(self, tokens: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    def transform(self, window: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
     def bind(self, tokenizer: Any) -> None:

@@ -125,7 +125,11 @@ def stack_pairs(pairs: list[tuple[np.ndarray, np.ndarray]], seq_len: int) -> dic
 @register("objective.contrastive")
 class Contrastive:
     """Two-tower contrastive training on (query, document) pairs (``data.source`` =
-    ``stdlib_pairs`` or ``pairs_jsonl``), split by group so evaluation groups are unseen."""
+    ``stdlib_pairs`` or ``pairs_jsonl``), split by group so evaluation groups are unseen.
+    In-batch negatives tie every example's loss to the rest of the batch, so a batch split
+    into microbatches would train on another loss: ``exact_microbatches`` is False."""
+
+    exact_microbatches = False
 
     config_defaults = dict(
         loss="infonce",  # infonce (in-batch softmax, CLIP) | sigmoid (SigLIP)
@@ -145,9 +149,6 @@ class Contrastive:
     def config_problems(cls, cfg: Any) -> list[str]:
         """Settings this objective cannot train with, found at load time."""
         out = []
-        if cfg.train.microbatches != 1:
-            out.append(f"train.microbatches={cfg.train.microbatches}: contrastive losses compare every pair in the "
-                       f"batch, so the batch cannot be split: set --config.train.microbatches=1")
         if cfg.train.batch_size < 2:
             out.append(f"train.batch_size={cfg.train.batch_size}: a contrastive batch needs at least 2 examples "
                        f"(the others are the negatives): raise --config.train.batch_size")

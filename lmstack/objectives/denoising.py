@@ -14,7 +14,7 @@ import numpy as np
 from lmstack.data.noise import sentence_permutation, text_infilling
 from lmstack.data.token_table import TokenTable
 from lmstack.data.tokenizers import Tokenizer
-from lmstack.objectives.seq2seq import Seq2SeqObjective, fixed
+from lmstack.objectives.seq2seq import Seq2SeqObjective, seq2seq_features
 from lmstack.registry import register
 
 
@@ -39,14 +39,14 @@ class Denoising(Seq2SeqObjective):
     def bind(self, tokenizer: Tokenizer) -> None:
         self.sentence_ends = TokenTable(tokenizer).sentence_end_ids
 
-    def transform(self, tokens: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    def transform(self, window: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
         o, n = self.cfg.objective, self.cfg.data.seq_len
-        noisy = tokens
+        tokens, seg = window["tokens"], window["segment_ids"]
+        noisy, noisy_seg = tokens, seg
         if o.denoise in ("permutation", "both") and len(self.sentence_ends):
-            noisy = sentence_permutation(noisy, rng=rng, sentence_end_ids=self.sentence_ends)
+            noisy, noisy_seg = sentence_permutation(noisy, rng=rng, sentence_end_ids=self.sentence_ends,
+                                                    segment_ids=noisy_seg)
         if o.denoise in ("infilling", "both"):
-            noisy = text_infilling(noisy, rng=rng, mask_id=self.mask_id, mask_ratio=o.mask_ratio,
-                                   poisson_lambda=o.poisson_lambda)
-        inputs, inputs_mask = fixed(noisy, n)
-        targets, targets_mask = fixed(tokens, n)
-        return {"inputs": inputs, "inputs_mask": inputs_mask, "targets": targets, "targets_mask": targets_mask}
+            noisy, noisy_seg = text_infilling(noisy, rng=rng, mask_id=self.mask_id, mask_ratio=o.mask_ratio,
+                                              poisson_lambda=o.poisson_lambda, segment_ids=noisy_seg)
+        return seq2seq_features(noisy, noisy_seg, tokens, seg, inputs_length=n, targets_length=n)

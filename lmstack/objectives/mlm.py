@@ -1,6 +1,10 @@
 """Masked language modelling (BERT) on the encoder: 15% of the tokens (or whole words) are
 selected; of those 80% become [MASK], 10% a random token, 10% stay; the loss is on the
-selected positions only. [MASK] is the top id of the model's vocabulary."""
+selected positions only. [MASK] is the top id of the model's vocabulary.
+
+Batches hold ``inputs``, ``targets`` (int32), ``loss_mask`` (bool) and the window's
+``segment_ids`` and ``positions`` (int32, all ``(batch, seq_len)``): masking changes no
+token's place, so each keeps its document, and the encoder attends within documents only."""
 
 from __future__ import annotations
 
@@ -40,15 +44,19 @@ class MaskedLM(TransformedWindowObjective):
         self.special = [i for i in (tok.bos_id, tok.eos_id, tok.pad_id) if i is not None]
         self.table = TokenTable(tok) if self.cfg.objective.whole_word else None
 
-    def transform(self, tokens: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    def transform(self, window: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
         o = self.cfg.objective
+        tokens, seg = window["tokens"], window["segment_ids"]
+        word_starts = None
+        if self.table is not None:  # a word never runs on into the next document
+            word_starts = self.table.word_starts(tokens) | (seg != np.concatenate([seg[:1], seg[:-1]]))
         inputs, targets, loss_mask = mlm_mask(
             tokens, rng=rng, mask_id=self.mask_id, vocab_size=self.mask_id, select_rate=o.select_rate,
-            mask_rate=o.mask_rate, random_rate=o.random_rate, special_ids=self.special,
-            word_starts=None if self.table is None else self.table.word_starts(tokens))
-        return {"inputs": inputs, "targets": targets, "loss_mask": loss_mask}
+            mask_rate=o.mask_rate, random_rate=o.random_rate, special_ids=self.special, word_starts=word_starts)
+        return {"inputs": inputs, "targets": targets, "loss_mask": loss_mask, "segment_ids": seg,
+                "positions": window["positions"]}
 
     def loss_fn(self, model: Any, batch: dict[str, jax.Array], rng: jax.Array | None):
-        hidden = model(batch["inputs"], rng=rng)
+        hidden = model(batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"], rng=rng)
         aux = token_cross_entropy(model.lm_logits(hidden), batch["targets"], batch["loss_mask"])
         return aux.pop("loss"), aux

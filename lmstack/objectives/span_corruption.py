@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from lmstack.data.noise import span_corruption, span_corruption_lengths
-from lmstack.objectives.seq2seq import Seq2SeqObjective, sentinel_ids, sentinel_names
+from lmstack.objectives.seq2seq import Seq2SeqObjective, sentinel_ids, sentinel_names, seq2seq_features
 from lmstack.registry import register
 
 
@@ -39,9 +39,10 @@ class SpanCorruption(Seq2SeqObjective):
     def window_length(self) -> int:
         return self.raw_length
 
-    def transform(self, tokens: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    def transform(self, window: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
         o = self.cfg.objective
-        inputs, targets = span_corruption(tokens, noise_density=o.noise_density, mean_span_length=o.mean_span_length,
-                                          sentinel_ids=self.sentinels, rng=rng)
-        return {"inputs": inputs, "inputs_mask": np.ones(len(inputs), bool),
-                "targets": targets, "targets_mask": np.ones(len(targets), bool)}
+        inputs, targets, inputs_seg, targets_seg = span_corruption(
+            window["tokens"], noise_density=o.noise_density, mean_span_length=o.mean_span_length,
+            sentinel_ids=self.sentinels, rng=rng, segment_ids=window["segment_ids"])
+        return seq2seq_features(inputs, inputs_seg, targets, targets_seg, inputs_length=self.cfg.data.seq_len,
+                                targets_length=self.targets_length)

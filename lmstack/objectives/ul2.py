@@ -12,7 +12,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from lmstack.data.noise import default_ul2_denoisers, ul2_example, ul2_window_length
-from lmstack.objectives.seq2seq import Seq2SeqObjective, sentinel_ids, sentinel_names
+from lmstack.objectives.seq2seq import Seq2SeqObjective, sentinel_ids, sentinel_names, seq2seq_features
 from lmstack.registry import register
 
 MODES = ("R", "X", "S")
@@ -45,8 +45,10 @@ class UL2(Seq2SeqObjective):
         return ul2_window_length(self.denoisers, inputs_length=self.cfg.data.seq_len,
                                  targets_length=self.targets_length, with_eos=False)
 
-    def transform(self, tokens: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        ex = ul2_example(tokens, denoisers=self.denoisers, rates=self.cfg.objective.mixing_rates, rng=rng,
-                         sentinel_ids=self.sentinels, inputs_length=self.cfg.data.seq_len,
-                         targets_length=self.targets_length)
-        return {k: ex[k] for k in ("inputs", "inputs_mask", "targets", "targets_mask")}
+    def transform(self, window: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        n = self.cfg.data.seq_len
+        ex = ul2_example(window["tokens"], denoisers=self.denoisers, rates=self.cfg.objective.mixing_rates, rng=rng,
+                         sentinel_ids=self.sentinels, inputs_length=n, targets_length=self.targets_length,
+                         segment_ids=window["segment_ids"])
+        return seq2seq_features(ex["inputs"], ex["inputs_segment_ids"], ex["targets"], ex["targets_segment_ids"],
+                                inputs_length=n, targets_length=self.targets_length)

@@ -85,7 +85,7 @@ def test_reassemble_inverts_span_corruption(length, density, mean_span, with_eos
     if mean_span > length:
         assert "objective.mean_span_length" in message(span_corruption, tokens, **kwargs)
         return
-    inputs, targets = span_corruption(tokens, **kwargs)
+    inputs, targets, _, _ = span_corruption(tokens, **kwargs)
     np.testing.assert_array_equal(reassemble(inputs, targets, SENTINELS, eos), tokens)
     # Sentinels are used in order from the top, once each on both sides.
     used = inputs[inputs >= 600]
@@ -108,7 +108,7 @@ def test_output_lengths_are_exact(inputs_length, density, mean_span, with_eos):
         assert str(e).split(":")[0] in {"objective.noise_density", "objective.mean_span_length", "data.seq_len"}
         return
     for seed in range(8):
-        inputs, targets = span_corruption(
+        inputs, targets, _, _ = span_corruption(
             np.arange(raw) % 600, noise_density=density, mean_span_length=mean_span, sentinel_ids=SENTINELS,
             rng=np.random.default_rng(seed), eos_id=EOS if with_eos else None,
         )
@@ -198,7 +198,7 @@ def test_text_infilling_masks_poisson_spans():
     n, rng, lengths = 512, np.random.default_rng(0), []
     tokens = 10 + np.arange(n)
     for _ in range(500):
-        inputs = text_infilling(tokens, rng=rng, mask_id=5, mask_ratio=0.3, poisson_lambda=3.0)
+        inputs, _ = text_infilling(tokens, rng=rng, mask_id=5, mask_ratio=0.3, poisson_lambda=3.0)
         is_mask = inputs == 5
         assert not (is_mask[1:] & is_mask[:-1]).any()  # one mask per span, never two in a row
         kept = inputs[~is_mask]
@@ -216,10 +216,11 @@ def test_text_infilling_masks_poisson_spans():
 def test_text_infilling_edge_cases():
     rng = np.random.default_rng(0)
     tokens = np.arange(10, 20)
-    np.testing.assert_array_equal(text_infilling(tokens, rng=rng, mask_id=5, mask_ratio=0.0), tokens)
-    np.testing.assert_array_equal(text_infilling(tokens, rng=rng, mask_id=5, mask_ratio=1.0), [5])
+    np.testing.assert_array_equal(text_infilling(tokens, rng=rng, mask_id=5, mask_ratio=0.0)[0], tokens)
+    np.testing.assert_array_equal(text_infilling(tokens, rng=rng, mask_id=5, mask_ratio=1.0)[0], [5])
     for seed in range(50):  # tiny sequences: the budget still holds
-        out = text_infilling(tokens[:3], rng=np.random.default_rng(seed), mask_id=5, mask_ratio=0.9, poisson_lambda=0.5)
+        out, _ = text_infilling(tokens[:3], rng=np.random.default_rng(seed), mask_id=5, mask_ratio=0.9,
+                                poisson_lambda=0.5)
         assert sum(infill_spans(out, 3, 5)) == 3 and (out == 5).sum() == 1
 
 
@@ -229,7 +230,7 @@ def test_sentence_permutation_keeps_sentences():
     moved = 0
     for _ in range(200):
         tokens = rng.integers(7, 20, 60)
-        out = sentence_permutation(tokens, rng=rng, sentence_end_ids=ends)
+        out, _ = sentence_permutation(tokens, rng=rng, sentence_end_ids=ends)
         assert sorted(out.tolist()) == sorted(tokens.tolist())
 
         def sentences(x):
@@ -263,10 +264,12 @@ def test_ul2_mixture_follows_rates_and_lengths_are_fixed():
         counts[ex["mode"]] += 1
         assert ex["inputs"].shape == (in_len,) and ex["targets"].shape == (tgt_len,)
         assert ex["inputs"][0] == d.mode_token_id
-        inputs, targets = ex["inputs"][ex["inputs_mask"]], ex["targets"][ex["targets_mask"]]
-        assert (ex["inputs"][~ex["inputs_mask"]] == 0).all() and (ex["targets"][~ex["targets_mask"]] == 0).all()
+        inputs_mask, targets_mask = ex["inputs_segment_ids"] > 0, ex["targets_segment_ids"] > 0
+        assert set(ex["inputs_segment_ids"]) <= {0, 1} and set(ex["targets_segment_ids"]) <= {0, 1}
+        inputs, targets = ex["inputs"][inputs_mask], ex["targets"][targets_mask]
+        assert (ex["inputs"][~inputs_mask] == 0).all() and (ex["targets"][~targets_mask] == 0).all()
         if d.kind == "span":
-            assert ex["inputs_mask"].all()  # the window fills the inputs exactly
+            assert inputs_mask.all()  # the window fills the inputs exactly
             raw, full_targets = span_corruption_lengths(in_len - 1, d.noise_density, d.mean_span_length)
             if full_targets <= tgt_len:
                 np.testing.assert_array_equal(reassemble(inputs[1:], targets, SENTINELS, EOS), tokens[:raw])
@@ -281,10 +284,82 @@ def test_ul2_mixture_follows_rates_and_lengths_are_fixed():
 def test_ul2_prefix_split_points_vary():
     s = Denoiser("S", 902, "prefix")
     rng = np.random.default_rng(0)
-    splits = {int(ul2_example(np.arange(10, 60), denoisers=[s], rates=[1], rng=rng, sentinel_ids=(),
-                              inputs_length=40, targets_length=30)["inputs_mask"].sum()) for _ in range(300)}
+    splits = {int((ul2_example(np.arange(10, 60), denoisers=[s], rates=[1], rng=rng, sentinel_ids=(), inputs_length=40,
+                               targets_length=30)["inputs_segment_ids"] > 0).sum()) for _ in range(300)}
     # 50 tokens, prefix at most 39, continuation at most 30: prefixes of 20..39 tokens (+ the mode token).
     assert splits == set(range(21, 41))
+
+
+# --- documents in a window ---------------------------------------------------------------------
+
+
+def window_segments(rng, n):
+    """Segment ids 1, 2, ... of 1-5 documents of random lengths filling ``n`` tokens."""
+    cuts = np.sort(rng.choice(np.arange(1, n), size=rng.integers(0, 5), replace=False))
+    return np.repeat(np.arange(1, len(cuts) + 2), np.diff(np.concatenate([[0], cuts, [n]]))).astype(np.int32)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_span_corruption_carries_segments(seed):
+    """Each output token has the segment of the raw token it stands for; a sentinel that of its
+    span's first token (the token after it in the targets); EOS that of the last token."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(10, 80))
+    tokens, seg = np.arange(n), window_segments(rng, n)  # token value = raw index
+    inputs, targets, in_seg, tgt_seg = span_corruption(tokens, noise_density=0.3, mean_span_length=3.0,
+                                                       sentinel_ids=SENTINELS, rng=rng, eos_id=EOS + 600,
+                                                       segment_ids=seg)
+    assert len(in_seg) == len(inputs) and len(tgt_seg) == len(targets)
+    first_of_span = {int(targets[i]): int(targets[i + 1]) for i in range(len(targets) - 1) if targets[i] >= 900}
+    for x, x_seg in ((inputs, in_seg), (targets, tgt_seg)):
+        expected = [seg[t] if t < n else seg[first_of_span[t]] if t >= 900 else seg[-1] for t in x.tolist()]
+        np.testing.assert_array_equal(x_seg, expected)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_text_infilling_carries_segments(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(5, 80))
+    tokens, seg = 10 + np.arange(n), window_segments(rng, n)
+    noisy, noisy_seg = text_infilling(tokens, rng=rng, mask_id=5, mask_ratio=0.3, segment_ids=seg)
+    previous_kept = -1
+    for t, s_ in zip(noisy.tolist(), noisy_seg.tolist()):
+        if t == 5:  # a mask: the segment of the first token of its span (the token after the last kept one)
+            assert s_ == seg[min(previous_kept + 1, n - 1)]
+        else:
+            previous_kept = t - 10
+            assert s_ == seg[previous_kept]
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_sentence_permutation_shuffles_whole_sentences_of_each_document(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(5, 80))
+    seg = window_segments(rng, n)
+    tokens = np.where(rng.random(n) < 0.15, 7, 10 + np.arange(n))  # 7 ends a sentence
+    out, out_seg = sentence_permutation(tokens, rng=rng, sentence_end_ids=(7,), segment_ids=seg)
+    cut = np.union1d(np.flatnonzero(tokens == 7) + 1, np.flatnonzero(np.diff(seg)) + 1)
+    pieces = [(tuple(t), tuple(s_)) for t, s_ in zip(np.split(tokens, cut[cut < n]), np.split(seg, cut[cut < n]))]
+    left, i = list(pieces), 0  # the output is the pieces (sentences cut at document ends too), each whole
+    while i < n:
+        match = [p for p in left if tuple(out[i:i + len(p[0])]) == p[0] and tuple(out_seg[i:i + len(p[0])]) == p[1]]
+        assert match, (i, out, pieces)
+        left.remove(match[0])
+        i += len(match[0][0])
+    assert not left
+
+
+def test_ul2_prefix_denoiser_carries_segments():
+    s = Denoiser("S", 902, "prefix")
+    seg = np.repeat([1, 2, 3], [20, 15, 15]).astype(np.int32)
+    ex = ul2_example(np.arange(10, 60), denoisers=[s], rates=[1], rng=np.random.default_rng(0), sentinel_ids=(),
+                     inputs_length=40, targets_length=30, eos_id=EOS, segment_ids=seg)
+    n_in = int((ex["inputs_segment_ids"] > 0).sum())  # mode token, prefix, EOS
+    split = n_in - 2
+    np.testing.assert_array_equal(ex["inputs_segment_ids"][:n_in], [1, *seg[:split], seg[split - 1]])
+    n_tgt = 50 - split + 1
+    np.testing.assert_array_equal(ex["targets_segment_ids"][:n_tgt], [*seg[split:], 3])
+    assert not ex["inputs_segment_ids"][n_in:].any() and not ex["targets_segment_ids"][n_tgt:].any()
 
 
 # --- bad input ----------------------------------------------------------------------------------
@@ -338,4 +413,5 @@ def test_other_bad_settings():
     for rates in ([1, 1], [1, -1, 1, 1], [0, 0, 0, 0]):
         assert message(ul2_example, t, rates=rates, **ul2).startswith("objective.mixing_rates:")
     assert message(reassemble, [5, 999], [999, 6], SENTINELS, eos_id=EOS).startswith("reassemble:")
+    assert "one segment id per token" in message(text_infilling, t, rng=rng, mask_id=4, segment_ids=[1, 1])
 

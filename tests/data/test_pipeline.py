@@ -282,9 +282,10 @@ def test_packed_examples_shuffle_by_seed():
     assert not np.array_equal(first(0), first(1))
 
 
-def _reverse_and_noise(tokens, rng):
+def _reverse_and_noise(window, rng):
     """A stand-in noising transform: output depends on the window and on the rng."""
-    return {"inputs": tokens[::-1].copy(), "noise": rng.integers(0, 1000, size=3)}
+    return {"inputs": window["tokens"][::-1].copy(), "noise": rng.integers(0, 1000, size=3),
+            "segment_ids": window["segment_ids"], "positions": window["positions"]}
 
 
 def test_transformed_windows_are_deterministic_and_resumable():
@@ -295,9 +296,11 @@ def test_transformed_windows_are_deterministic_and_resumable():
     first = [next(it) for _ in range(3)]
     for b in first:
         assert b["inputs"].shape == (4, 9) and b["noise"].shape == (4, 3)
-        for row in b["inputs"][:, ::-1]:  # every row is a slice of the stream
+        for r, row in enumerate(b["inputs"][:, ::-1]):  # every row is a slice of the stream...
             starts = [s for s in range(len(stream) - 8) if np.array_equal(stream.tokens[s:s + 9], row)]
             assert starts
+            # ...and the transform saw its documents
+            check_window(stream, {"tokens": row, "segment_ids": b["segment_ids"][r], "positions": b["positions"][r]})
     state = it.get_state()
     later = next(it)
     again = make(0)
@@ -315,7 +318,18 @@ def test_transformed_eval_batches_are_consecutive_windows():
     assert len(batches) == 3  # 10 windows -> 3 whole batches of 3
     rows = np.concatenate([b["inputs"][:, ::-1] for b in batches])
     np.testing.assert_array_equal(rows, stream.tokens[:90].reshape(9, 10))
+    for r, row in enumerate(rows):
+        b, i = batches[r // 3], r % 3
+        check_window(stream, {"tokens": row, "segment_ids": b["segment_ids"][i], "positions": b["positions"][i]})
     again = pipeline.transformed_eval_batches(stream, window_length=10, batch_size=3, max_batches=2, seed=0,
                                               transform=_reverse_and_noise)
     assert len(again) == 2
     np.testing.assert_array_equal(again[1]["noise"], batches[1]["noise"])
+
+
+def test_segment_positions_count_each_segments_tokens_in_order():
+    seg = np.array([1, 1, 2, 1, 2, 2, 3, 0, 0])
+    np.testing.assert_array_equal(pipeline.segment_positions(seg), [0, 1, 0, 2, 1, 2, 0, 0, 1])
+    stream = stream_of([5, 9, 3, 20])  # contiguous documents: the windows' own positions
+    window = stream.windows(np.array([2]), 16)
+    np.testing.assert_array_equal(pipeline.segment_positions(window["segment_ids"][0]), window["positions"][0])

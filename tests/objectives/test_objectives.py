@@ -29,6 +29,7 @@ def objective(name, seq_len=16, **objective_keys):
     cfg.data.seq_len = seq_len
     cfg.objective.name = name
     cfg.objective.update(objective_keys)
+    cfg.model.vocab_size = 0  # the byte tokenizer's 259 plus the reserved ids
     cfg = compose(cfg)
     cls = registry.lookup("objective", name)
     spec = fresh_spec(cfg, ByteTokenizer(), cls.special_tokens(cfg))
@@ -40,7 +41,7 @@ def test_span_corruption_batches_reassemble_to_their_windows():
     data = run_data()
     batch = next(obj.train_batches(data))
     assert batch["inputs"].shape == (8, 16) and batch["targets"].shape == (8, obj.targets_length)
-    assert batch["inputs_mask"].all() and batch["targets_mask"].all()
+    assert (batch["inputs_segment_ids"] == 1).all() and (batch["targets_segment_ids"] == 1).all()  # one document
     stream = data.train.tokens
     for inp, tgt in zip(batch["inputs"], batch["targets"]):
         original = reassemble(inp, tgt, obj.sentinels)
@@ -71,20 +72,43 @@ def test_mlm_loss_only_on_selected_positions():
     assert batch["loss_mask"].sum() == 8 * round(0.15 * 16)
 
 
-def test_prefix_lm_loss_excludes_the_prefix():
+class PrefixRecorder:
+    """A stand-in decoder: records the prefix mask it is given, predicts uniformly."""
+
+    def __call__(self, tokens, **kw):
+        self.prefix = np.asarray(kw["prefix_mask"])
+        return jax.numpy.zeros(tokens.shape + (259,))
+
+
+def test_prefix_lm_eval_prefix_is_half_the_window():
     obj = objective("prefix_lm")
-
-    class Recorder:
-        def __call__(self, tokens, **kw):
-            self.prefix = kw["prefix_mask"]
-            return jax.numpy.zeros(tokens.shape + (259,))
-
-    batch = next(obj.train_batches(run_data()))
-    model = Recorder()
+    batch = obj.eval_batches(run_data())[0]
+    model = PrefixRecorder()
     _, aux = obj.loss_fn(model, batch, None)
     n = 16
-    assert model.prefix.sum(axis=1).tolist() == [n // 2] * 8  # eval split: half the window
+    assert model.prefix.sum(axis=1).tolist() == [n // 2] * 8
     assert float(aux["weight"]) == 8 * (n - n // 2 + 1)  # the first suffix token onwards
+
+
+def test_prefix_lm_draws_prefix_lengths_per_window_in_the_pipeline():
+    obj = objective("prefix_lm", prefix_min=0.25, prefix_max=0.75)
+    it = obj.train_batches(run_data())
+    batches = [next(it) for _ in range(40)]
+    lengths = np.concatenate([b["prefix_mask"].sum(axis=1) for b in batches])
+    assert set(lengths.tolist()) == set(range(4, 13))  # uniform in [0.25, 0.75] x 16, every value seen
+    batch = batches[0]
+    assert batch["prefix_mask"].shape == batch["tokens"].shape == (8, 17)
+    # a prefix is the first tokens of the window: the mask is a run from position 0
+    np.testing.assert_array_equal(batch["prefix_mask"], np.arange(17) < lengths[:8, None])
+    model = PrefixRecorder()
+    _, aux = obj.loss_fn(model, batch, None)
+    np.testing.assert_array_equal(model.prefix, batch["prefix_mask"][:, :-1])
+    assert float(aux["weight"]) == (~batch["prefix_mask"][:, 1:]).sum()  # one document: every non-prefix target
+    state = it.get_state()  # the draw is part of the batch: it resumes exactly
+    after = next(it)
+    again = obj.train_batches(run_data())
+    again.set_state(state)
+    np.testing.assert_array_equal(next(again)["prefix_mask"], after["prefix_mask"])
 
 
 @pytest.mark.parametrize("overrides,message", [
