@@ -208,7 +208,7 @@ def test_uninterrupted_run_matches_its_config(reference):
     assert all(math.isfinite(v) for v in losses.values())
     assert losses[STEPS] < losses[1] - 0.5  # it learns
     assert finalised_steps(workdir) == [20, 25, 30]  # every 5, keep 3
-    assert "held-out perplexity" in out and "at step 30" in out
+    assert "final evaluation at step 30: loss " in out and " perplexity " in out
 
 
 def test_sigkill_resume_is_exact(runner, reference):
@@ -249,7 +249,7 @@ def test_sigterm_saves_exits_zero_and_resumes(runner, reference, sigtermed):
     assert stopped in finalised_steps(snap) and max(finalised_steps(snap)) == stopped
     assert (snap / "checkpoints" / str(stopped) / "state").is_dir()
     assert not [p for p in (snap / "checkpoints").iterdir() if TMP_SUFFIX in p.name]
-    assert "held-out perplexity" not in out  # no final eval or sample for an interrupted run
+    assert "final evaluation" not in out  # no final eval or sample for an interrupted run
 
     out2 = runner.run(workdir)
     assert resumed_step(out2) == stopped
