@@ -95,6 +95,21 @@ def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return rest, overrides
 
 
+def _check_sampling(args: argparse.Namespace) -> None:
+    """One-line errors for sampling flags out of range, before any model is loaded."""
+    from lmstack.config import ConfigError
+
+    checks = [("--max-new-tokens", args.max_new_tokens >= 1, "at least 1"),
+              ("--temperature", args.temperature >= 0, ">= 0 (0 is greedy)"),
+              ("--top-k", args.top_k >= 0, ">= 0 (0: no cut)"),
+              ("--top-p", 0 < args.top_p <= 1, "in (0, 1] (1: no cut)")]
+    if hasattr(args, "num_samples"):
+        checks.append(("--num-samples", args.num_samples >= 1, "at least 1"))
+    for flag, ok, need in checks:
+        if not ok:
+            raise ConfigError(f"{flag}={getattr(args, flag[2:].replace('-', '_'))}: must be {need}")
+
+
 def _run(args: argparse.Namespace, overrides: list[str]) -> int:
     from lmstack import config as config_lib
 
@@ -129,6 +144,8 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
         config_lib.apply_overrides(cfg, overrides)
         print(json.dumps(evaluate(cfg, args.workdir, args.step), indent=1))
         return 0
+    if args.command in ("sample", "chat"):
+        _check_sampling(args)
     if args.command == "sample":
         from lmstack.sample import sample_workdir
 

@@ -100,6 +100,10 @@ def open_parent(source: InitSource) -> Parent:
             grand = parse_init_from(load_saved_config(source.path).init["from"])
             if grand.kind != "scratch":
                 return Parent(spec, open_parent(grand).load_params)
+        if source.step is not None and not (source.path / "checkpoints" / str(source.step)).is_dir():
+            have = sorted(int(p.name) for p in (source.path / "checkpoints").glob("*") if p.name.isdigit())
+            raise FileNotFoundError(f"init.from: no checkpoint for step {source.step} in {source.path / 'checkpoints'} "
+                                    f"(have: {', '.join(map(str, have)) or 'none'}): pass WORKDIR@STEP with one of those")
         return Parent(spec, lambda abstract_params: restore_params(source.path, source.step, abstract_params))
     if source.kind == "hf":
         from lmstack.interop.open_weights import open_hf
@@ -124,6 +128,7 @@ def inherit(cfg: Any, parent: RunSpec, source: InitSource, special_tokens: tuple
                           f"(init.from={source}): set --config.model.name={pm['name']}")
     defaults = registry.lookup("model", pm["name"]).config_defaults
     model = {**defaults, **pm}
+    clashes = []
     for key, value in cfg.model.items():
         if key == "name":
             continue
@@ -131,9 +136,12 @@ def inherit(cfg: Any, parent: RunSpec, source: InitSource, special_tokens: tuple
             model[key] = value
         elif value != defaults.get(key) and value != model.get(key) and not (key in ("vocab_size", "max_seq_len")
                                                                              and value == 0):
-            raise ConfigError(f"model.{key}={value!r} contradicts the parent's {model.get(key)!r} "
-                              f"(init.from={source}): drop the setting; a run started from another keeps its "
-                              f"architecture")
+            clashes.append((key, value, model.get(key)))
+    if clashes:
+        said = ", ".join(f"model.{k}={v!r} contradicts the parent's {p!r}" for k, v, p in clashes)
+        fix = " ".join(f"--config.model.{k}={p}" for k, _, p in clashes)
+        raise ConfigError(f"{said} (init.from={source}): a run started from another keeps its architecture: drop "
+                          f"the setting{'s' if len(clashes) > 1 else ''}, or match the parent with {fix}")
     lineage = {"from": str(source), "kind": source.kind, "parent_lineage": parent.lineage}
     spec = RunSpec(tokenizer=parent.tokenizer, special_ids=dict(parent.special_ids), model=model, lineage=lineage)
     return with_special_tokens(spec, special_tokens)

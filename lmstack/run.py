@@ -107,6 +107,9 @@ class Run:
             check_resume(cfg, workdir)
             spec = RunSpec.load(workdir)
         else:
+            if RunSpec.exists(workdir) and RunSpec.load(workdir).lineage.get("imported"):
+                raise ConfigError(f"{str(workdir)!r} holds a model made by `lmstack import`: train from it in a new "
+                                  f"workdir with --config.init.from={workdir} --workdir NEW")
             spec = None
         documents = load_documents(cfg.data)
         if spec is None:

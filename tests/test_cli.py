@@ -139,3 +139,16 @@ def test_tokenizer_train_writes_a_loadable_model(capsys, tmp_path):
     assert tok.decode(ids) == sample_text  # exact round trip, newlines included
     assert len(ids) < len(sample_text.encode()) / 2  # it learned merges, not just bytes
     assert all(0 <= i < 400 for i in ids)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num-samples", "0"], "--num-samples=0: must be at least 1"),
+    (["--max-new-tokens", "-5"], "--max-new-tokens=-5: must be at least 1"),
+    (["--temperature", "-1"], "--temperature=-1.0: must be >= 0 (0 is greedy)"),
+    (["--top-p", "2"], "--top-p=2.0: must be in (0, 1] (1: no cut)"),
+    (["--top-k", "-3"], "--top-k=-3: must be >= 0 (0: no cut)"),
+])
+def test_sampling_flags_out_of_range_are_one_line_errors(capsys, tmp_path, flags, message):
+    capsys.readouterr()
+    assert main(["sample", "--workdir", str(tmp_path), "--prompt", "x", *flags]) == 2
+    assert capsys.readouterr().err == f"lmstack: error: {message}\n"

@@ -335,3 +335,10 @@ def test_an_evaluator_without_its_data_fails_at_load(exp_dir: Path, tmp_path: Pa
                                        f"--config.eval.linear_probe.path={tmp_path}"])
     assert msg == (f"invalid config 'tiny': eval.linear_probe.path={str(tmp_path)!r} has no train.tsv or dev.tsv: "
                    f"point --config.eval.linear_probe.path at a folder with train.tsv and dev.tsv (label<TAB>sentence)")
+
+
+def test_a_key_of_an_evaluator_not_selected_says_how_to_select_it(exp_dir: Path) -> None:
+    msg = _error(load_config, "tiny", ["--config.eval.linear_probe.path=/tmp/x"])
+    assert msg == ("config key 'eval.linear_probe.path' (from --config.eval.linear_probe.path=/tmp/x) belongs to "
+                   "evaluator linear_probe, which is not in eval.names ('perplexity', 'fake'): add it, e.g. "
+                   "--config.eval.names=\"('perplexity', 'fake', 'linear_probe')\"")

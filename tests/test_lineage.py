@@ -105,8 +105,9 @@ def test_a_setting_that_contradicts_the_parent_is_an_error(parent, tmp_path):
     cfg.model.d_model = 32
     with pytest.raises(ConfigError) as e:
         Run.for_training(cfg, tmp_path / "child")
-    assert str(e.value) == (f"model.d_model=32 contradicts the parent's 64 (init.from={pdir}): drop the setting; "
-                            f"a run started from another keeps its architecture")
+    assert str(e.value) == (f"model.d_model=32 contradicts the parent's 64 (init.from={pdir}): a run started from "
+                            f"another keeps its architecture: drop the setting, or match the parent with "
+                            f"--config.model.d_model=64")
     assert not (tmp_path / "child").exists()  # nothing written
 
 

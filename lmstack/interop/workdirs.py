@@ -13,6 +13,7 @@ GGUF file (F32 / F16 / Q8_0).
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +41,12 @@ def import_workdir(source: str, workdir: str | Path) -> Path:
     raw.model = mlc.ConfigDict(parent.spec.model)
     raw.init["from"] = str(src)
     raw.mesh.data = 1
-    raw.data.seq_len = min(int(parent.spec.model.get("max_seq_len") or 2048), 2048)
+    # evaluation on this workdir (lmstack eval) runs batches of 8 x 512 tokens at most
+    raw.data.seq_len = min(int(parent.spec.model.get("max_seq_len") or 512), 512)
+    raw.train.batch_size = 8
     cfg = compose(raw, str(src))
     workdir.mkdir(parents=True, exist_ok=True)
+    parent.spec.lineage["imported"] = True
     parent.spec.save(workdir)
     save_config(cfg, workdir)
     return workdir
@@ -91,5 +95,10 @@ def export_workdir(workdir: str | Path, fmt: str, out: str | Path, *, qtype: str
     from lmstack.interop.hf import export_hf
 
     export_hf(params, run.model_cfg, out)
-    save_tokenizer(run.spec.tokenizer, out)
+    if run.spec.tokenizer.kind == "hf":
+        save_tokenizer(run.spec.tokenizer, out)  # tokenizer.json + tokenizer_config.json, as transformers reads them
+    else:  # lmstack's own files, kept apart so nothing mistakes them for a Hugging Face tokenizer.json
+        save_tokenizer(run.spec.tokenizer, out / "lmstack_tokenizer")
+        print(f"lmstack: note: the run's {run.spec.tokenizer.kind} tokenizer has no Hugging Face tokenizer.json form; "
+              f"it is saved in lmstack's format under {out / 'lmstack_tokenizer'}", file=sys.stderr)
     return out

@@ -105,6 +105,10 @@ def test_export_gguf_then_import_gives_equal_logits(trained_llama, tmp_path, cap
     assert after.encode(text) == before.encode(text) and after.decode(after.encode(text)) == text
     tokens = np.random.default_rng(0).integers(0, 297, (2, 12)).astype(np.int32)
     np.testing.assert_allclose(logits_of(tmp_path / "back", tokens), logits_of(trained_llama, tokens), atol=1e-5)
+    from lmstack.config import ConfigError, load_saved_config
+
+    with pytest.raises(ConfigError, match=r"holds a model made by `lmstack import`: train from it in a new workdir"):
+        Run.for_training(load_saved_config(trained_llama), tmp_path / "back")  # never overwrite an import
 
 
 def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path):
