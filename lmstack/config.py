@@ -225,7 +225,8 @@ def apply_overrides(cfg: mlc.ConfigDict, overrides: Sequence[str]) -> dict[str, 
             node = node.get(part) if isinstance(node, mlc.ConfigDict) else None
         if not isinstance(node, mlc.ConfigDict) or parts[-1] not in node:
             owner = _plugin_owner(cfg, parts)
-            if parts[0] == "eval" and len(parts) == 3 and parts[1] in registry.names("eval"):
+            if (parts[0] == "eval" and len(parts) == 3 and parts[1] in registry.names("eval")
+                    and parts[1] not in cfg.eval.names):
                 raise ConfigError(f"config key {key!r} ({where}) belongs to evaluator {parts[1]}, which is not in "
                                   f"eval.names {tuple(cfg.eval.names)}: add it, e.g. "
                                   f"--config.eval.names=\"{tuple(cfg.eval.names) + (parts[1],)}\"")

@@ -91,7 +91,8 @@ def fresh_spec(cfg: Any, tokenizer: Tokenizer, special_tokens: Sequence[str]) ->
     if v and v < needed:
         reserved = f" + {len(special_tokens)} reserved by objective.{cfg.objective.name}" if special_tokens else ""
         raise ConfigError(
-            f"model.vocab_size={v} is smaller than the tokenizer's {tokenizer.vocab_size} tokens{reserved}: "
+            f"model.vocab_size={v} is smaller than the tokenizer's {tokenizer.vocab_size} tokens{reserved} "
+            f"(the {tokenizer.kind} tokenizer data.tokenizer describes): "
             f"set --config.model.vocab_size=0 to take the tokenizer's size, or use a matching tokenizer")
     vocab = v or needed
     model = dict(cfg.model.to_dict(), vocab_size=vocab)

@@ -72,8 +72,8 @@ def test_smoke_run(name, tmp_path):
         ckpt.close()
     records = read_metrics(workdir)
     losses = {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
-    vocab = json.loads((workdir / "config.json").read_text())["model"]["vocab_size"]
-    assert vocab > 0
+    vocab = json.loads((workdir / "run_spec.json").read_text())["model"]["vocab_size"]  # resolved in the spec
+    assert vocab > 0 and json.loads((workdir / "config.json").read_text())["model"]["vocab_size"] == 0
     if cfg.model.name != "two_tower":
         # A freshly initialised LM predicts nearly uniformly over its vocabulary. (A two-tower
         # model ranks documents, not tokens: its chance level depends on the batch and the
