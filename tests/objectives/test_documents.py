@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lmstack import registry
 from lmstack.data.pipeline import TokenStream
 from lmstack.data.tokenizers import ByteTokenizer
 from lmstack.trainstate import model_factory
