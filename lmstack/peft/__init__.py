@@ -1,0 +1,1 @@
+"""Parameter-efficient fine-tuning: adapters and quantised base-weight storage."""
