@@ -263,7 +263,7 @@ def test_dense_layer_on_dequantized_weights():
     bound = np.abs(x) @ (half_gap(scaled).reshape(w.shape) * absmax + 4 * EPS * absmax)
     assert np.all(np.abs(y_nf4 - y) <= bound * (1 + 1e-5))
     rel = np.linalg.norm(y_nf4 - y) / np.linalg.norm(y)
-    assert 0 < rel < 0.15, rel  # measured 0.09 on this draw; the weight's own relative error is alike
+    assert 0 < rel < 0.15, rel  # measured 0.093 on this draw, as the weight's own relative error (0.092)
 
 
 SMOLLM2_LINEAR = [  # lmstack stacked layout of SmolLM2-135M: L=30, d=576, 9 heads, 3 kv heads, h=64, f=1536
