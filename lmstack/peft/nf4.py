@@ -179,11 +179,10 @@ def _check_args(shape: tuple[int, ...], block_size: int, stack_dims: int, name: 
         raise ConfigError(f"{name}: cannot NF4-quantise an empty tensor of shape {shape}")
 
 
-def _blocks(x: jax.Array, n: int, block_size: int) -> jax.Array:
-    """``x[..., :n]`` zero-padded and cut into ``(..., ceil(n / block_size), block_size)``."""
-    n_blocks = -(-n // block_size)
-    pad = [(0, 0)] * (x.ndim - 1) + [(0, n_blocks * block_size - n)]
-    return jnp.pad(x, pad).reshape(*x.shape[:-1], n_blocks, block_size)
+def _blocks(x: jax.Array, block_size: int) -> jax.Array:
+    """``x`` ``(..., n)`` zero-padded at the end and cut into ``(..., ceil(n / block_size), block_size)``."""
+    pad = [(0, 0)] * (x.ndim - 1) + [(0, -x.shape[-1] % block_size)]
+    return jnp.pad(x, pad).reshape(*x.shape[:-1], -1, block_size)
 
 
 def _quantize_absmax(absmax: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -191,7 +190,7 @@ def _quantize_absmax(absmax: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array
     indices ``S + (B,)``, float32 nested absmax ``S + (ceil(B / 256),)`` and offset ``S``."""
     n_blocks = absmax.shape[-1]
     offset = jnp.mean(absmax, axis=-1)
-    centred = _blocks(absmax - offset[..., None], n_blocks, NESTED_BLOCK_SIZE)
+    centred = _blocks(absmax - offset[..., None], NESTED_BLOCK_SIZE)
     nested_absmax = jnp.max(jnp.abs(centred), axis=-1)
     scaled = centred * (jnp.float32(1.0) / nested_absmax)[..., None]
     # index = #midpoints below the value; NaN (a block of equal scales: nested absmax 0) gives
@@ -205,7 +204,7 @@ def _dequantize_absmax(q: NF4Tensor) -> jax.Array:
     if not q.double_quant:
         return q.absmax
     n_blocks = q.absmax.shape[-1]
-    codes = _blocks(jnp.asarray(DYNAMIC_CODE)[q.absmax.astype(jnp.int32)], n_blocks, NESTED_BLOCK_SIZE)
+    codes = _blocks(jnp.asarray(DYNAMIC_CODE)[q.absmax.astype(jnp.int32)], NESTED_BLOCK_SIZE)
     absmax = (codes * q.nested_absmax[..., None]).reshape(*q.absmax.shape[:-1], -1)[..., :n_blocks]
     return absmax + q.nested_offset[..., None]
 
@@ -237,7 +236,7 @@ def quantize_nf4(
 def _quantize(w: jax.Array, block_size: int, double_quant: bool, stack_dims: int) -> NF4Tensor:
     stack, tensor_shape = w.shape[:stack_dims], w.shape[stack_dims:]
     n = math.prod(tensor_shape)
-    x = _blocks(w.reshape(*stack, n).astype(jnp.float32), n, block_size)
+    x = _blocks(w.reshape(*stack, n).astype(jnp.float32), block_size)
     absmax = jnp.max(jnp.abs(x), axis=-1)
     scaled = x * (jnp.float32(1.0) / absmax)[..., None]  # NaN for an all-zero block: code 0
     # index = #thresholds t with scaled > t (dQuantizeNF4's tree); NaN compares False
@@ -267,7 +266,7 @@ def _dequantize(q: NF4Tensor, dtype: jnp.dtype) -> jax.Array:
     n = math.prod(q.shape)
     stack = q.data.shape[:-1]
     idx = jnp.stack([q.data >> 4, q.data & 0xF], axis=-1).reshape(*stack, -1)[..., :n]
-    values = _blocks(jnp.asarray(NF4_CODE)[idx.astype(jnp.int32)], n, q.block_size)
+    values = _blocks(jnp.asarray(NF4_CODE)[idx.astype(jnp.int32)], q.block_size)
     w = values * _dequantize_absmax(q)[..., None]
     return w.reshape(*stack, -1)[..., :n].reshape(*stack, *q.shape).astype(dtype)
 
