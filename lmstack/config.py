@@ -35,9 +35,9 @@ _CHOICES = {
     "optimizer.schedule": ("cosine", "linear", "constant"),
 }
 # (section, registry kind): the config sections a plug-in owns; eval.NAME is handled apart.
-PLUGIN_SECTIONS = (("model", "model"), ("objective", "objective"))
+PLUGIN_SECTIONS = (("model", "model"), ("objective", "objective"), ("peft", "peft"))
 # Overrides that choose plug-ins: applied before the sections are composed.
-_CHOOSING_KEYS = ("model.name", "objective.name", "eval.names")
+_CHOOSING_KEYS = ("model.name", "objective.name", "peft.name", "eval.names")
 _POSITIVE = ("train.steps", "train.batch_size", "train.microbatches", "data.seq_len",
              "model.d_model", "model.n_layers", "model.n_heads", "model.scan_unroll")
 _NON_NEGATIVE = ("model.vocab_size", "model.n_kv_heads", "model.head_dim", "model.d_ff",  # 0: derived
@@ -290,7 +290,7 @@ def compose(cfg: mlc.ConfigDict, source: str = "the config") -> mlc.ConfigDict:
     out = base_config()
     for key, value in flat_items(cfg).items():
         parts = key.split(".")
-        if parts[0] in ("model", "objective") or (parts[0] == "eval" and len(parts) > 2):
+        if parts[0] in dict(PLUGIN_SECTIONS) or (parts[0] == "eval" and len(parts) > 2):
             continue
         node = out
         for part in parts[:-1]:

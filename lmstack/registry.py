@@ -19,7 +19,7 @@ class UnknownNameError(ValueError):
     """A config names a plug-in that is not registered."""
 
 _ENTRIES: dict[str, Any] = {}
-_BUILTIN_PACKAGES = ("lmstack.models", "lmstack.objectives", "lmstack.evals", "lmstack.data")
+_BUILTIN_PACKAGES = ("lmstack.models", "lmstack.objectives", "lmstack.evals", "lmstack.data", "lmstack.peft")
 
 
 def register(name: str, **attributes: Any) -> Callable[[T], T]:

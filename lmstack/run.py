@@ -34,7 +34,8 @@ from lmstack.optim import make_optimizer
 from lmstack.runspec import RunSpec, fresh_spec, stream_digest
 from lmstack.sharding import MeshError, batch_sharding, data_parallel_size, make_mesh
 from lmstack.step import compile_eval_step, compile_train_step
-from lmstack.trainstate import abstract_state, build_model_factory, init_state
+from lmstack.peft.base import check_trainable, trainable_filter
+from lmstack.trainstate import abstract_state, build_model_factory, init_state, peft_method
 
 
 @dataclasses.dataclass
@@ -84,9 +85,13 @@ class Run:
         self.cfg, self.workdir, self.spec, self.mesh = cfg, Path(workdir), spec, mesh
         self.model_cls = registry.lookup("model", spec.model["name"], "model.name")
         self.make_model, self.model_cfg = build_model_factory(spec.model_section(), vocab_size=spec.vocab_size,
-                                                              max_seq_len=cfg.data.seq_len, seed=cfg.train.seed)
+                                                              max_seq_len=cfg.data.seq_len, seed=cfg.train.seed,
+                                                              peft_section=cfg.peft)
+        self.peft = peft_method(cfg.peft)
+        self.trainable = trainable_filter(cfg.train, self.peft)
         self.tx, self.schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
-        self.graphdef, self.abstract, self.shardings = abstract_state(self.make_model, self.tx, mesh)
+        self.graphdef, self.abstract, self.shardings = abstract_state(self.make_model, self.tx, mesh, self.trainable)
+        check_trainable(self.abstract, cfg.train)
         self.objective = registry.lookup("objective", cfg.objective.name, "objective.name")(cfg, spec.special_ids)
         self.batch_sharding = batch_sharding(mesh)
 
@@ -146,15 +151,22 @@ class Run:
     def init_state(self) -> dict:
         """A fresh train state: initialised, or with the parameters of ``init.from`` (and a
         fresh optimizer), each tensor placed straight into its sharding."""
-        _, state, _ = init_state(self.make_model, self.tx, self.mesh)
+        _, state, _ = init_state(self.make_model, self.tx, self.mesh, self.trainable)
         source = parse_init_from(self.cfg.init["from"])
         if source.kind == "scratch":
             return state
         parent = open_parent(source)
-        target = self.abstract["params"]
+        # the parent's weights: every parameter but the adapters this run adds, wherever the
+        # trainable set puts it (params or frozen)
+        full = nnx.merge_state(self.abstract["params"], self.abstract["frozen"])
+        adapters = self.peft.adapter_types
+        target = full.filter(nnx.All(nnx.Param, nnx.Not(adapters)) if adapters else nnx.Param)
         with jax.set_mesh(self.mesh):
-            loaded = parent.load_params(with_shapes(target, parent.spec.vocab_size, self.spec.vocab_size))
-            state["params"] = resize_vocab(loaded, target)
+            loaded = resize_vocab(parent.load_params(with_shapes(target, parent.spec.vocab_size, self.spec.vocab_size)),
+                                  target)
+            whole = nnx.merge_state(nnx.merge_state(state["params"], state["frozen"]), loaded)
+            state["params"] = whole.filter(self.trainable)
+            state["frozen"] = whole.filter(nnx.Not(self.trainable))
             state["opt_state"] = jax.jit(self.tx.init, out_shardings=self.shardings["opt_state"])(state["params"])
         return state
 

@@ -38,6 +38,7 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("projection", None),  # two-tower projection output: small, kept whole
     ("norm", None),
     ("layers", None),
+    ("lora_rank", None),  # LoRA factors' rank axis: small, kept whole
 )
 
 

@@ -37,21 +37,24 @@ def _split_microbatches(batch: dict[str, jax.Array], n: int) -> dict[str, jax.Ar
 def _loss_and_grads(graphdef, params, frozen, objective, batch, rng, microbatches):
     """Summed loss, summed aux and summed gradients over the batch's microbatches."""
 
-    def loss_fn(p, mb, r):
-        return objective.loss_fn(nnx.merge(graphdef, p, frozen), mb, r)
+    # the frozen variables are rebuilt inside the differentiated function (the tree.map makes new
+    # Variable objects at this trace level): nnx.scan over the blocks refuses variables from the
+    # enclosing jit's level, which a block holding frozen parameters (a LoRA base) would pass it
+    def loss_fn(p, fr, mb, r):
+        return objective.loss_fn(nnx.merge(graphdef, p, jax.tree.map(lambda x: x, fr)), mb, r)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if microbatches == 1:
-        (loss_sum, aux), grads = grad_fn(params, batch, rng)
+        (loss_sum, aux), grads = grad_fn(params, frozen, batch, rng)
         return loss_sum, aux, grads
 
     def accumulate(carry, xs):
         mb, i = xs
-        out = grad_fn(params, mb, None if rng is None else jax.random.fold_in(rng, i))
+        out = grad_fn(params, frozen, mb, None if rng is None else jax.random.fold_in(rng, i))
         return jax.tree.map(jnp.add, carry, out), None
 
     mbs = _split_microbatches(batch, microbatches)
-    shapes = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], mbs), rng)
+    shapes = jax.eval_shape(grad_fn, params, frozen, jax.tree.map(lambda x: x[0], mbs), rng)
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     ((loss_sum, aux), grads), _ = jax.lax.scan(accumulate, zeros, (mbs, jnp.arange(microbatches)))
     return loss_sum, aux, grads

@@ -19,13 +19,26 @@ from lmstack.sharding import replicated, state_shardings
 from lmstack.step import TrainState
 
 
-def build_model_factory(model_section: Any, *, vocab_size: int, max_seq_len: int,
-                        seed: int) -> tuple[Callable[[], nnx.Module], Any]:
+def build_model_factory(model_section: Any, *, vocab_size: int, max_seq_len: int, seed: int,
+                        peft_section: Any = None) -> tuple[Callable[[], nnx.Module], Any]:
     """A zero-argument constructor of the model a (composed) ``config.model`` section or a run
-    spec's model describes, and its resolved model config."""
+    spec's model describes, with the adapters of ``peft_section`` (a composed
+    ``config.peft``) attached, and its resolved model config."""
     model_cls = registry.lookup("model", model_section.name, "model.name")
     mcfg = model_cls.config_class.from_config(model_section, vocab_size=vocab_size, max_seq_len=max_seq_len)
-    return (lambda: model_cls(mcfg, rngs=nnx.Rngs(params=seed))), mcfg
+    method = peft_method(peft_section)
+
+    def make() -> nnx.Module:
+        model = model_cls(mcfg, rngs=nnx.Rngs(params=seed))
+        method.apply(model, peft_section, jax.random.fold_in(jax.random.key(seed), 1 << 20))
+        return model
+
+    return make, mcfg
+
+
+def peft_method(peft_section: Any) -> Any:
+    """The registered PEFT method a ``config.peft`` section names (``peft.none`` for None)."""
+    return registry.lookup("peft", "none" if peft_section is None else peft_section.name, "peft.name")
 
 
 def model_factory(cfg: Any, vocab_size: int) -> tuple[Callable[[], nnx.Module], Any]:
@@ -33,17 +46,21 @@ def model_factory(cfg: Any, vocab_size: int) -> tuple[Callable[[], nnx.Module], 
     from lmstack.config import compose
 
     cfg = compose(cfg)
-    return build_model_factory(cfg.model, vocab_size=vocab_size, max_seq_len=cfg.data.seq_len, seed=cfg.train.seed)
+    return build_model_factory(cfg.model, vocab_size=vocab_size, max_seq_len=cfg.data.seq_len, seed=cfg.train.seed,
+                               peft_section=cfg.peft)
 
 
-def _split(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-    """Trainable parameters, and everything else (frozen)."""
-    return nnx.split(model, nnx.Param, ...)
+def _split(model: nnx.Module, trainable: Any) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """The trainable set, and everything else (frozen)."""
+    return nnx.split(model, trainable, ...)
 
 
-def abstract_state(make_model: Callable[[], nnx.Module], tx: optax.GradientTransformation, mesh: Mesh):
-    """(graphdef, shape-and-sharding tree of the train state, sharding tree)."""
-    graphdef, params, frozen = _split(nnx.eval_shape(make_model))
+def abstract_state(make_model: Callable[[], nnx.Module], tx: optax.GradientTransformation, mesh: Mesh,
+                   trainable: Any = nnx.Param):
+    """(graphdef, shape-and-sharding tree of the train state, sharding tree). ``trainable`` is
+    the nnx filter of the parameters that get gradients and optimizer state
+    (:func:`lmstack.peft.base.trainable_filter`); the rest goes to ``frozen``."""
+    graphdef, params, frozen = _split(nnx.eval_shape(make_model), trainable)
     param_sh, frozen_sh = state_shardings(params, mesh), state_shardings(frozen, mesh)
     opt_shapes = jax.eval_shape(tx.init, params)
     opt_sh = _opt_state_shardings(tx, opt_shapes, param_sh, mesh)
@@ -60,12 +77,13 @@ def _opt_state_shardings(tx: optax.GradientTransformation, opt_shapes: Any, para
     )
 
 
-def init_state(make_model: Callable[[], nnx.Module], tx: optax.GradientTransformation, mesh: Mesh):
+def init_state(make_model: Callable[[], nnx.Module], tx: optax.GradientTransformation, mesh: Mesh,
+               trainable: Any = nnx.Param):
     """A freshly initialised, sharded train state: (graphdef, state, shardings)."""
-    graphdef, _, shardings = abstract_state(make_model, tx, mesh)
+    graphdef, _, shardings = abstract_state(make_model, tx, mesh, trainable)
 
     def create() -> TrainState:
-        _, params, frozen = _split(make_model())
+        _, params, frozen = _split(make_model(), trainable)
         return {"step": jnp.zeros((), jnp.int32), "params": params, "frozen": frozen, "opt_state": tx.init(params)}
 
     with jax.set_mesh(mesh):

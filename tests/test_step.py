@@ -63,7 +63,7 @@ def test_sharding_parity(batches):
         np.testing.assert_allclose(losses, ref, rtol=0, atol=1e-5, err_msg=f"mesh {shape}")
         # parameters really are sharded as the rules say
         params = state["params"]
-        q = params["blocks"]["attn"]["q"][...]  # (layers, embed, heads, head_dim)
+        q = params["blocks"]["attn"]["q"]["weight"][...]  # (layers, embed, heads, head_dim)
         assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
         fsdp, tensor = shape[1], shape[2]
         assert q.addressable_shards[0].data.shape == (2, 64 // fsdp, 8 // tensor, 8)
@@ -167,5 +167,5 @@ def test_the_first_update_moves_the_weights(batches, guarded):
     (metrics,), state = run(batches[:1])
     lr0 = cfg.optimizer.lr / (cfg.optimizer.warmup_steps + 1)
     assert metrics["lr"] == pytest.approx(lr0, rel=1e-6)
-    q0, q1 = before["blocks"]["attn"]["q"][...], np.asarray(state["params"]["blocks"]["attn"]["q"][...])
+    q0, q1 = before["blocks"]["attn"]["q"]["weight"][...], np.asarray(state["params"]["blocks"]["attn"]["q"]["weight"][...])
     np.testing.assert_allclose(np.abs(q1 - q0).max(), lr0, rtol=1e-3)

@@ -1,7 +1,7 @@
 """The base config: every trunk key an experiment may set, with its default.
 
-Experiments start from :func:`base_config` and change values. The ``model`` and
-``objective`` sections hold only the plug-in's ``name`` here, and ``eval`` only the trunk's
+Experiments start from :func:`base_config` and change values. The ``model``,
+``objective`` and ``peft`` sections hold only the plug-in's ``name`` here, and ``eval`` only the trunk's
 keys: the loader composes each from the chosen plug-in's own defaults
 (:func:`lmstack.config.compose`), so a key the chosen plug-in lacks is an error naming it.
 """
@@ -66,8 +66,16 @@ def base_config() -> mlc.ConfigDict:
             seed=0,
             log_every=10,
             progress=True,
+            # The trainable set (regexes fully matching dotted parameter paths, e.g.
+            # 'blocks.attn.q.weight'): "" trains every parameter, or only the PEFT method's
+            # adapters when peft.name is set; the rest is frozen (no gradients, no optimizer state).
+            trainable="",
+            frozen="",  # taken out of the trainable set, e.g. 'embed|pos_embed' to freeze the embeddings
+            frozen_layers=0,  # the first k blocks of the layer stack get no updates
         )
     )
+    # Parameter-efficient fine-tuning: the method's own keys are composed from peft.<name>.
+    c.peft = mlc.ConfigDict(dict(name="none"))  # registry: peft.<name> (none | lora)
     c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: the remaining devices
     c.checkpoint = mlc.ConfigDict(dict(every=500, keep=3, async_save=True))
     c.eval = mlc.ConfigDict(

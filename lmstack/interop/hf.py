@@ -257,14 +257,14 @@ def _llama_layout() -> list[_Tensor]:
         _Tensor("lm_head", "lm_head.weight", "linear"),
         _Tensor("blocks/attn_norm/scale", layer + "input_layernorm.weight", "flat"),
         _Tensor("blocks/mlp_norm/scale", layer + "post_attention_layernorm.weight", "flat"),
-        _Tensor("blocks/attn/o", layer + "self_attn.o_proj.weight", "linear", in_dims=2),
-        _Tensor("blocks/mlp/gate", layer + "mlp.gate_proj.weight", "linear"),
-        _Tensor("blocks/mlp/up", layer + "mlp.up_proj.weight", "linear"),
-        _Tensor("blocks/mlp/down", layer + "mlp.down_proj.weight", "linear"),
+        _Tensor("blocks/attn/o/weight", layer + "self_attn.o_proj.weight", "linear", in_dims=2),
+        _Tensor("blocks/mlp/gate/weight", layer + "mlp.gate_proj.weight", "linear"),
+        _Tensor("blocks/mlp/up/weight", layer + "mlp.up_proj.weight", "linear"),
+        _Tensor("blocks/mlp/down/weight", layer + "mlp.down_proj.weight", "linear"),
     ]
     for p in "qkv":
-        out.append(_Tensor(f"blocks/attn/{p}", layer + f"self_attn.{p}_proj.weight", "linear"))
-        out.append(_Tensor(f"blocks/attn/{p}_bias", layer + f"self_attn.{p}_proj.bias", "flat"))
+        out.append(_Tensor(f"blocks/attn/{p}/weight", layer + f"self_attn.{p}_proj.weight", "linear"))
+        out.append(_Tensor(f"blocks/attn/{p}/bias", layer + f"self_attn.{p}_proj.bias", "flat"))
     return out
 
 
@@ -277,19 +277,19 @@ def _gpt2_layout() -> list[_Tensor]:
         _Tensor("final_norm/scale", "transformer.ln_f.weight", "flat"),
         _Tensor("final_norm/bias", "transformer.ln_f.bias", "flat"),
         _Tensor("lm_head", "lm_head.weight", "linear"),
-        _Tensor("blocks/attn/o", layer + "attn.c_proj.weight", "conv1d", in_dims=2),
-        _Tensor("blocks/attn/o_bias", layer + "attn.c_proj.bias", "flat"),
-        _Tensor("blocks/mlp/up", layer + "mlp.c_fc.weight", "conv1d"),
-        _Tensor("blocks/mlp/up_bias", layer + "mlp.c_fc.bias", "flat"),
-        _Tensor("blocks/mlp/down", layer + "mlp.c_proj.weight", "conv1d"),
-        _Tensor("blocks/mlp/down_bias", layer + "mlp.c_proj.bias", "flat"),
+        _Tensor("blocks/attn/o/weight", layer + "attn.c_proj.weight", "conv1d", in_dims=2),
+        _Tensor("blocks/attn/o/bias", layer + "attn.c_proj.bias", "flat"),
+        _Tensor("blocks/mlp/up/weight", layer + "mlp.c_fc.weight", "conv1d"),
+        _Tensor("blocks/mlp/up/bias", layer + "mlp.c_fc.bias", "flat"),
+        _Tensor("blocks/mlp/down/weight", layer + "mlp.c_proj.weight", "conv1d"),
+        _Tensor("blocks/mlp/down/bias", layer + "mlp.c_proj.bias", "flat"),
     ]
     for ours, hf in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
         out.append(_Tensor(f"blocks/{ours}/scale", layer + f"{hf}.weight", "flat"))
         out.append(_Tensor(f"blocks/{ours}/bias", layer + f"{hf}.bias", "flat"))
     for j, p in enumerate("qkv"):
-        out.append(_Tensor(f"blocks/attn/{p}", layer + "attn.c_attn.weight", "conv1d", part=(j, 3)))
-        out.append(_Tensor(f"blocks/attn/{p}_bias", layer + "attn.c_attn.bias", "flat", part=(j, 3)))
+        out.append(_Tensor(f"blocks/attn/{p}/weight", layer + "attn.c_attn.weight", "conv1d", part=(j, 3)))
+        out.append(_Tensor(f"blocks/attn/{p}/bias", layer + "attn.c_attn.bias", "flat", part=(j, 3)))
     return out
 
 
@@ -333,7 +333,7 @@ def load_hf_params(path: str | Path, abstract_params: nnx.State) -> nnx.State:
     if uncovered:
         raise ConfigError(f"{cfg_file}: our parameters {', '.join(uncovered)} have no tensor in the {arch} layout: "
                           f"build the model from hf_model_section({str(path)!r})")
-    n_layers = leaves["blocks/attn/q"].shape[0]
+    n_layers = leaves["blocks/attn/q/weight"].shape[0]
     expected: dict[str, tuple[int, ...]] = {}
     for ours, t in rules.items():
         per_layer = "{i}" in t.hf

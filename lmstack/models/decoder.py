@@ -43,6 +43,7 @@ from lmstack.models.layers import (
     param,
     pool,
 )
+from lmstack.models.projection import adapter_key
 from lmstack.registry import register
 from lmstack.sharding import constrain
 
@@ -165,9 +166,9 @@ class Block(nnx.Module):
 
     def __call__(self, x_btd, doc_pos_bt, mask_b1ts, kv, cache_index, rng):
         r_attn, r_mlp = jax.random.split(rng) if rng is not None else (None, None)
-        h, kv = self.attn(self.attn_norm(x_btd), doc_pos_bt, mask_b1ts, kv, cache_index)
+        h, kv = self.attn(self.attn_norm(x_btd), doc_pos_bt, mask_b1ts, kv, cache_index, rng=adapter_key(r_attn))
         x_btd = x_btd + dropout(h, self.dropout_rate, r_attn)
-        x_btd = x_btd + dropout(self.mlp(self.mlp_norm(x_btd)), self.dropout_rate, r_mlp)
+        x_btd = x_btd + dropout(self.mlp(self.mlp_norm(x_btd), adapter_key(r_mlp)), self.dropout_rate, r_mlp)
         return constrain(x_btd, ("batch", "activation_length", "activation_embed")), kv
 
 

@@ -43,6 +43,7 @@ from lmstack.models.layers import (
     segment_mask,
     zeros_param,
 )
+from lmstack.models.projection import Projection, adapter_key
 from lmstack.registry import register
 from lmstack.sharding import constrain
 
@@ -213,13 +214,14 @@ class EncoderBlock(nnx.Module):
     def __call__(self, x_btd, doc_pos_bt, mask_b1ts, bias_bnts, rng):
         r_attn, r_mlp = jax.random.split(rng) if rng is not None else (None, None)
         if self.post_norm:  # BERT: normalise after each residual add
-            h, _ = self.attn(x_btd, doc_pos_bt, mask_b1ts, None, None, bias_bnts=bias_bnts)
+            h, _ = self.attn(x_btd, doc_pos_bt, mask_b1ts, None, None, bias_bnts=bias_bnts, rng=adapter_key(r_attn))
             x_btd = self.attn_norm(x_btd + dropout(h, self.dropout_rate, r_attn))
-            x_btd = self.mlp_norm(x_btd + dropout(self.mlp(x_btd), self.dropout_rate, r_mlp))
+            x_btd = self.mlp_norm(x_btd + dropout(self.mlp(x_btd, adapter_key(r_mlp)), self.dropout_rate, r_mlp))
         else:
-            h, _ = self.attn(self.attn_norm(x_btd), doc_pos_bt, mask_b1ts, None, None, bias_bnts=bias_bnts)
+            h, _ = self.attn(self.attn_norm(x_btd), doc_pos_bt, mask_b1ts, None, None, bias_bnts=bias_bnts,
+                              rng=adapter_key(r_attn))
             x_btd = x_btd + dropout(h, self.dropout_rate, r_attn)
-            x_btd = x_btd + dropout(self.mlp(self.mlp_norm(x_btd)), self.dropout_rate, r_mlp)
+            x_btd = x_btd + dropout(self.mlp(self.mlp_norm(x_btd), adapter_key(r_mlp)), self.dropout_rate, r_mlp)
         return constrain(x_btd, ("batch", "activation_length", "activation_embed"))
 
 
@@ -262,16 +264,16 @@ class Encoder(nnx.Module):
 
         if cfg.mlm_head and cfg.mlm_transform:
             # a d x d matrix: its output width is sharded like an MLP hidden
-            self.mlm_dense = param(rngs, (d, d), ("embed", "mlp"), cfg.init_std)
-            self.mlm_dense_bias = zeros_param((d,), ("mlp",)) if cfg.use_bias else None
+            self.mlm_dense = Projection((d,), (d,), ("embed", "mlp"), std=cfg.init_std, bias=cfg.use_bias, rngs=rngs,
+                                        dtype=cfg.dtype)
             self.mlm_norm = make_norm(cfg.norm, d, cfg.norm_eps, cfg.use_bias)
         if cfg.mlm_head and not cfg.tie_embeddings:
             self.lm_head = param(rngs, (d, cfg.vocab_size), ("embed", "vocab"), cfg.init_std)
         if cfg.mlm_head and cfg.use_bias:
             self.lm_bias = zeros_param((cfg.vocab_size,), ("vocab",))
         if cfg.pooler:
-            self.pooler_dense = param(rngs, (d, d), ("embed", "mlp"), cfg.init_std)
-            self.pooler_bias = zeros_param((d,), ("mlp",)) if cfg.use_bias else None
+            self.pooler_dense = Projection((d,), (d,), ("embed", "mlp"), std=cfg.init_std, bias=cfg.use_bias,
+                                           rngs=rngs, dtype=cfg.dtype)
 
     def __call__(
         self,
@@ -326,9 +328,7 @@ class Encoder(nnx.Module):
         dt = jnp.dtype(c.dtype)
         x = hidden_btd.astype(dt)
         if c.mlm_transform:  # BERT's prediction-head transform
-            x = dense(x, self.mlm_dense[...].astype(dt))
-            if self.mlm_dense_bias is not None:
-                x = x + self.mlm_dense_bias[...].astype(dt)
+            x = self.mlm_dense(x)
             x = self.mlm_norm(jax.nn.gelu(x, approximate=False))
         head = self.embed[...].T if c.tie_embeddings else self.lm_head[...]
         logits = dense(x, head.astype(dt), out_dtype=jnp.float32)
@@ -349,9 +349,5 @@ class Encoder(nnx.Module):
         c = self.cfg
         x = pool(hidden_btd, segment_ids_bt, kind or c.pooling)
         if c.pooler:
-            dt = jnp.dtype(c.dtype)
-            x = dense(x.astype(dt), self.pooler_dense[...].astype(dt), out_dtype=jnp.float32)
-            if self.pooler_bias is not None:
-                x = x + self.pooler_bias[...]
-            x = jnp.tanh(x)
+            x = jnp.tanh(self.pooler_dense(x, out_dtype=jnp.float32))
         return x

@@ -41,6 +41,7 @@ from lmstack.models.layers import (
     param,
     segment_mask,
 )
+from lmstack.models.projection import adapter_key
 from lmstack.registry import register
 from lmstack.sharding import constrain
 
@@ -172,11 +173,13 @@ class DecoderBlock(nnx.Module):
 
     def __call__(self, x_btd, encoded_bsd, doc_pos_bt, self_mask, cross_mask, has_context_bt1, self_bias, rng):
         r_self, r_cross, r_mlp = jax.random.split(rng, 3) if rng is not None else (None, None, None)
-        h, _ = self.self_attn(self.self_norm(x_btd), doc_pos_bt, self_mask, None, None, bias_bnts=self_bias)
+        h, _ = self.self_attn(self.self_norm(x_btd), doc_pos_bt, self_mask, None, None, bias_bnts=self_bias,
+                              rng=adapter_key(r_self))
         x_btd = x_btd + dropout(h, self.dropout_rate, r_self)
-        h, _ = self.cross_attn(self.cross_norm(x_btd), doc_pos_bt, cross_mask, None, None, context_bsd=encoded_bsd)
+        h, _ = self.cross_attn(self.cross_norm(x_btd), doc_pos_bt, cross_mask, None, None, context_bsd=encoded_bsd,
+                               rng=adapter_key(r_cross))
         x_btd = x_btd + dropout(h * has_context_bt1, self.dropout_rate, r_cross)
-        x_btd = x_btd + dropout(self.mlp(self.mlp_norm(x_btd)), self.dropout_rate, r_mlp)
+        x_btd = x_btd + dropout(self.mlp(self.mlp_norm(x_btd), adapter_key(r_mlp)), self.dropout_rate, r_mlp)
         return constrain(x_btd, ("batch", "activation_length", "activation_embed"))
 
 

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lmstack.models.projection import Projection, dense, param, zeros_param  # noqa: F401 (re-exported)
 from lmstack.sharding import constrain
 
 # Parameters are sharded explicitly by the trainer (init under jit with out_shardings), so
@@ -53,26 +54,6 @@ TRANSFORMER_DEFAULTS: dict[str, Any] = dict(
 # another (init.from) may set them freely.
 WEIGHT_FREE_KEYS = ("dropout", "dtype", "remat", "scan_unroll", "init_std")
 TRANSFORMER_CHOICES = {"style": ("llama", "gpt2"), "dtype": ("float32", "bfloat16"), "remat": ("none", "full", "dots")}
-
-
-def dense(x: Array, w: Array, out_dtype: jnp.dtype | None = None) -> Array:
-    """``x[..., d] @ w[d, *out]`` as one 2-D matmul. Folding the leading dims into one keeps
-    XLA:CPU on its GEMM path in the backward pass, where a 3-D dot fused with an elementwise
-    producer otherwise runs several times slower."""
-    d = x.shape[-1]
-    out = w.shape[1:]
-    y = jnp.matmul(x.reshape(-1, d), w.reshape(d, -1), preferred_element_type=out_dtype)
-    return y.reshape(*x.shape[:-1], *out)
-
-
-def param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str, ...], std: float) -> nnx.Param:
-    """A float32 parameter drawn from N(0, std^2) (as GPT-2 and Llama initialise), with logical names."""
-    init = nnx.initializers.normal(stddev=std) if std > 0 else nnx.initializers.zeros
-    return nnx.Param(init(rngs.params(), shape, jnp.float32), out_sharding=names)
-
-
-def zeros_param(shape: tuple[int, ...], names: tuple[str, ...]) -> nnx.Param:
-    return nnx.Param(jnp.zeros(shape, jnp.float32), out_sharding=names)
 
 
 class RMSNorm(nnx.Module):
@@ -289,18 +270,13 @@ class Attention(nnx.Module):
         d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         if out_std is None:
             out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
-        self.q = param(rngs, (d, n, h), ("embed", "heads", "head_dim"), cfg.init_std)
-        self.k = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg.init_std)
-        self.v = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg.init_std)
-        self.o = param(rngs, (n, h, d), ("heads", "head_dim", "embed"), out_std)
-        self.qkv_bias = cfg.use_bias or qkv_bias
-        if self.qkv_bias:
-            self.q_bias = zeros_param((n, h), ("heads", "head_dim"))
-            self.k_bias = zeros_param((k, h), ("kv_heads", "head_dim"))
-            self.v_bias = zeros_param((k, h), ("kv_heads", "head_dim"))
-        if cfg.use_bias:
-            self.o_bias = zeros_param((d,), ("norm",))
-        self.use_bias = cfg.use_bias
+        qkv_bias = cfg.use_bias or qkv_bias
+        proj = dict(rngs=rngs, dtype=cfg.dtype)
+        self.q = Projection((d,), (n, h), ("embed", "heads", "head_dim"), std=cfg.init_std, bias=qkv_bias, **proj)
+        self.k = Projection((d,), (k, h), ("embed", "kv_heads", "head_dim"), std=cfg.init_std, bias=qkv_bias, **proj)
+        self.v = Projection((d,), (k, h), ("embed", "kv_heads", "head_dim"), std=cfg.init_std, bias=qkv_bias, **proj)
+        self.o = Projection((n, h), (d,), ("heads", "head_dim", "embed"), std=out_std, bias=cfg.use_bias,
+                            bias_names=("norm",), **proj)
         self.use_rope = cfg.style == "llama" if use_rope is None else use_rope
         self.rope_theta = cfg.rope_theta
         self.rope_scaling = rope_scaling
@@ -308,21 +284,19 @@ class Attention(nnx.Module):
 
     def __call__(self, x_btd: Array, doc_pos_bt: Array, mask_b1ts: Array, kv: tuple[Array, Array] | None,
                  cache_index: Array | None, *, context_bsd: Array | None = None,
-                 bias_bnts: Array | None = None) -> tuple[Array, tuple[Array, Array] | None]:
+                 bias_bnts: Array | None = None, rng: Array | None = None) -> tuple[Array, tuple[Array, Array] | None]:
         """Attend from ``x`` to itself, or to ``context`` (cross-attention: no RoPE, no cache).
-        ``bias`` is an additive float32 logit bias (relative positions)."""
+        ``bias`` is an additive float32 logit bias (relative positions); ``rng`` feeds the
+        projections' adapter dropout (None: deterministic)."""
         dt = self.dtype
         src_bsd = x_btd if context_bsd is None else context_bsd
         if context_bsd is not None and (self.use_rope or kv is not None):
             raise ValueError("cross-attention (context_bsd) takes no RoPE and no KV cache: "
                              "build it with use_rope=False and call it without kv")
-        q = dense(x_btd, self.q[...].astype(dt))  # (b, t, n, h)
-        k = dense(src_bsd, self.k[...].astype(dt))  # (b, s, k, h)
-        v = dense(src_bsd, self.v[...].astype(dt))
-        if self.qkv_bias:
-            q = q + self.q_bias[...].astype(dt)
-            k = k + self.k_bias[...].astype(dt)
-            v = v + self.v_bias[...].astype(dt)
+        rq, rk, rv, ro = (None,) * 4 if rng is None else jax.random.split(rng, 4)
+        q = self.q(x_btd, rng=rq)  # (b, t, n, h)
+        k = self.k(src_bsd, rng=rk)  # (b, s, k, h)
+        v = self.v(src_bsd, rng=rv)
         if self.use_rope:
             q = rope(q, doc_pos_bt, self.rope_theta, self.rope_scaling)
             k = rope(k, doc_pos_bt, self.rope_theta, self.rope_scaling)
@@ -333,10 +307,7 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, axis=1)
             kv = (k, v)
         out = dot_product_attention(q, k.astype(dt), v.astype(dt), mask_b1ts, bias_bnts)
-        b, t, n, h = out.shape
-        y = dense(out.reshape(b, t, n * h), self.o[...].astype(dt).reshape(n * h, -1))
-        if self.use_bias:
-            y = y + self.o_bias[...].astype(dt)
+        y = self.o(out, rng=ro)
         return y, kv
 
 
@@ -373,30 +344,22 @@ class MLP(nnx.Module):
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation {activation!r} is not one of {', '.join(ACTIVATIONS)}")
         self.act, self.gated = ACTIVATIONS[activation]
+        proj = dict(rngs=rngs, dtype=cfg.dtype)
         if self.gated:
-            self.gate = param(rngs, (d, f), ("embed", "mlp"), cfg.init_std)
-        self.up = param(rngs, (d, f), ("embed", "mlp"), cfg.init_std)
-        self.down = param(rngs, (f, d), ("mlp", "embed"), out_std)
-        self.use_bias = cfg.use_bias
-        if cfg.use_bias:
-            self.up_bias = zeros_param((f,), ("mlp",))
-            self.down_bias = zeros_param((d,), ("norm",))
-        self.dtype = jnp.dtype(cfg.dtype)
+            self.gate = Projection((d,), (f,), ("embed", "mlp"), std=cfg.init_std, **proj)
+        self.up = Projection((d,), (f,), ("embed", "mlp"), std=cfg.init_std, bias=cfg.use_bias, **proj)
+        self.down = Projection((f,), (d,), ("mlp", "embed"), std=out_std, bias=cfg.use_bias, bias_names=("norm",),
+                               **proj)
 
-    def __call__(self, x_btd: Array) -> Array:
-        dt = self.dtype
-        h = dense(x_btd, self.up[...].astype(dt))
-        if self.use_bias:
-            h = h + self.up_bias[...].astype(dt)
+    def __call__(self, x_btd: Array, rng: Array | None = None) -> Array:
+        r_gate, r_up, r_down = (None,) * 3 if rng is None else jax.random.split(rng, 3)
+        h = self.up(x_btd, rng=r_up)
         if self.gated:
-            h = self.act(dense(x_btd, self.gate[...].astype(dt))) * h
+            h = self.act(self.gate(x_btd, rng=r_gate)) * h
         else:
             h = self.act(h)
         h = constrain(h, ("batch", "activation_length", "mlp"))
-        y = dense(h, self.down[...].astype(dt))
-        if self.use_bias:
-            y = y + self.down_bias[...].astype(dt)
-        return y
+        return self.down(h, rng=r_down)
 
 
 POOLINGS = ("mean", "cls", "last")

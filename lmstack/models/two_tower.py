@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lmstack.models.encoder import ENCODER_CHOICES, ENCODER_DEFAULTS, Encoder, EncoderConfig
-from lmstack.models.layers import dense, param, zeros_param
+from lmstack.models.projection import Projection
 from lmstack.registry import register
 
 Array = jax.Array
@@ -92,11 +92,9 @@ class TwoTower(nnx.Module):
             self.encoder_a = Encoder(enc, rngs=rngs)
             self.encoder_b = Encoder(enc, rngs=rngs)
         d, p = enc.d_model, cfg.projection_dim
-        self.projection_a = param(rngs, (d, p), ("embed", "projection"), enc.init_std)
-        self.projection_b = param(rngs, (d, p), ("embed", "projection"), enc.init_std)
-        if enc.use_bias:
-            self.projection_a_bias = zeros_param((p,), ("projection",))
-            self.projection_b_bias = zeros_param((p,), ("projection",))
+        proj = dict(std=enc.init_std, bias=enc.use_bias, rngs=rngs, dtype=enc.dtype)
+        self.projection_a = Projection((d,), (p,), ("embed", "projection"), **proj)
+        self.projection_b = Projection((d,), (p,), ("embed", "projection"), **proj)
         self.logit_scale = nnx.Param(jnp.asarray(cfg.logit_scale_init, jnp.float32), out_sharding=())
         self.logit_bias = nnx.Param(jnp.asarray(cfg.logit_bias_init, jnp.float32), out_sharding=())
 
@@ -124,12 +122,7 @@ class TwoTower(nnx.Module):
         """Embeddings (b, projection_dim), float32, unnormalised: one sequence per row,
         padding = segment 0. For retrieval: queries with ``tower='a'``, documents with 'b'."""
         x = self.pooled(tokens_bt, segment_ids_bt, tower=tower, rng=rng)
-        dt = jnp.dtype(self.cfg.encoder.dtype)
-        w = self.projection_a if tower == "a" else self.projection_b
-        y = dense(x.astype(dt), w[...].astype(dt), out_dtype=jnp.float32)
-        if self.cfg.encoder.use_bias:
-            y = y + (self.projection_a_bias if tower == "a" else self.projection_b_bias)[...]
-        return y
+        return (self.projection_a if tower == "a" else self.projection_b)(x, out_dtype=jnp.float32)
 
     def __call__(self, a_tokens: Array, b_tokens: Array, *, a_segment_ids: Array | None = None,
                  b_segment_ids: Array | None = None, rng: Array | None = None) -> tuple[Array, Array]:

@@ -215,7 +215,7 @@ def test_tiny_bert_mlm_logits_and_pooled_output_match_numpy(tmp_path, tied):
     cfg = TINY | dict(tie_word_embeddings=tied)
     tensors = tiny_tensors(cfg)
     model, section = import_encoder(write_checkpoint(tmp_path, cfg, tensors), data=2, fsdp=2, tensor=2)
-    q = nnx.state(model, nnx.Param)["blocks"]["attn"]["q"][...]
+    q = nnx.state(model, nnx.Param)["blocks"]["attn"]["q"]["weight"][...]
     assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
     assert (section["pooling"], section["pooler"], section["mlm_head"], section["mlm_transform"],
             section["tie_embeddings"]) == ("cls", True, True, True, tied)

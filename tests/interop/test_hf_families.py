@@ -95,18 +95,19 @@ def test_attention_matches_numpy(qkv_bias, window, scaling):
     attn = Attention(cfg, rngs=nnx.Rngs(params=0), qkv_bias=qkv_bias, rope_scaling=scaling)
     params = nnx.state(attn, nnx.Param)
     if qkv_bias:  # the biases start at zero: give them values so the test sees them
-        assert sorted(k for k in params if "bias" in k) == ["k_bias", "q_bias", "v_bias"]  # no o bias (Qwen2)
-        for i, name in enumerate(("q_bias", "k_bias", "v_bias")):
-            params[name][...] = jax.random.normal(jax.random.key(i + 1), params[name][...].shape)
+        assert sorted(k for k in params if "bias" in params[k]) == ["k", "q", "v"]  # no o bias (Qwen2)
+        for i, name in enumerate("qkv"):
+            params[name]["bias"][...] = jax.random.normal(jax.random.key(i + 1), params[name]["bias"][...].shape)
         nnx.update(attn, params)
     else:
-        assert not any("bias" in k for k in params)
+        assert not any("bias" in params[k] for k in params)
     x = jax.random.normal(jax.random.key(9), (1, T, 32))
     pos = jnp.arange(T, dtype=jnp.int32)[None]
     seg = jnp.ones((1, T), jnp.int32)
     mask = attention_mask(seg, seg, pos, pos, sliding_window=window)
     y, _ = nnx.jit(lambda a, x, m: a(x, pos, m, None, None))(attn, x, mask)
-    p = {k: np.asarray(v[...], np.float64) for k, v in nnx.state(attn, nnx.Param).items()}
+    p = {(k if part == "weight" else f"{k}_{part}"): np.asarray(v[...], np.float64)
+         for k, proj in nnx.state(attn, nnx.Param).items() for part, v in proj.items()}
     inv_freq = np.asarray(rope_inv_freq(16, cfg.rope_theta, scaling), np.float64)
     want = attention_numpy(np.asarray(x[0], np.float64), p, pos_t=np.arange(T, dtype=np.float64),
                            inv_freq=inv_freq, window=window)

@@ -34,13 +34,13 @@ def as_gguf_layout(model: Decoder) -> dict[str, np.ndarray]:
         w["output.weight"] = np.asarray(model.lm_head[...]).T
     for i in range(c.n_layers):
         a, m = b["attn"], b["mlp"]
-        w[f"blk.{i}.attn_q.weight"] = a["q"][i].reshape(c.d_model, -1).T
-        w[f"blk.{i}.attn_k.weight"] = a["k"][i].reshape(c.d_model, -1).T
-        w[f"blk.{i}.attn_v.weight"] = a["v"][i].reshape(c.d_model, -1).T
-        w[f"blk.{i}.attn_output.weight"] = a["o"][i].reshape(-1, c.d_model).T
-        w[f"blk.{i}.ffn_gate.weight"] = m["gate"][i].T
-        w[f"blk.{i}.ffn_up.weight"] = m["up"][i].T
-        w[f"blk.{i}.ffn_down.weight"] = m["down"][i].T
+        w[f"blk.{i}.attn_q.weight"] = a["q"]["weight"][i].reshape(c.d_model, -1).T
+        w[f"blk.{i}.attn_k.weight"] = a["k"]["weight"][i].reshape(c.d_model, -1).T
+        w[f"blk.{i}.attn_v.weight"] = a["v"]["weight"][i].reshape(c.d_model, -1).T
+        w[f"blk.{i}.attn_output.weight"] = a["o"]["weight"][i].reshape(-1, c.d_model).T
+        w[f"blk.{i}.ffn_gate.weight"] = m["gate"]["weight"][i].T
+        w[f"blk.{i}.ffn_up.weight"] = m["up"]["weight"][i].T
+        w[f"blk.{i}.ffn_down.weight"] = m["down"]["weight"][i].T
         w[f"blk.{i}.attn_norm.weight"] = b["attn_norm"]["scale"][i]
         w[f"blk.{i}.ffn_norm.weight"] = b["mlp_norm"]["scale"][i]
     return w

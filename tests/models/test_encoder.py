@@ -93,8 +93,8 @@ def test_flops_per_token_counts_the_matmul_parameters():
     model = build(**MODERN, tie_embeddings=True)
     cfg = model.cfg
     blocks = nnx.state(model, nnx.Param)["blocks"]
-    matmul = sum(blocks["attn"][k][...].size for k in "qkvo")
-    matmul += sum(blocks["mlp"][k][...].size for k in ("gate", "up", "down"))
+    matmul = sum(blocks["attn"][k]["weight"][...].size for k in "qkvo")
+    matmul += sum(blocks["mlp"][k]["weight"][...].size for k in ("gate", "up", "down"))
     head = VOCAB * 32  # tied: the embedding table, used once more as the output
     expected = 6 * (matmul + head) + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * T
     assert cfg.flops_per_token(T) == expected
@@ -200,7 +200,7 @@ def test_sharded_forward_matches_one_device_and_params_follow_the_rules():
     for g, w in zip(got, want):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
     params = state["params"]
-    q = params["blocks"]["attn"]["q"][...]  # (layers, embed, heads, head_dim)
+    q = params["blocks"]["attn"]["q"]["weight"][...]  # (layers, embed, heads, head_dim)
     assert q.sharding.spec == P(None, "fsdp", "tensor", None)
     assert q.addressable_shards[0].data.shape == (2, 16, 2, 8)
     assert params["relpos"]["table"][...].sharding.spec == P(None, "tensor")  # (relpos_buckets, heads)

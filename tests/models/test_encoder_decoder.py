@@ -96,8 +96,8 @@ def abstract_params(**kw):
 
 def test_layer_counts_embeddings_and_head_by_config():
     shared = abstract_params(n_encoder_layers=1, n_decoder_layers=3)
-    assert shared["encoder"]["blocks"]["attn"]["q"].shape[0] == 1
-    assert shared["decoder_blocks"]["cross_attn"]["q"].shape[0] == 3
+    assert shared["encoder"]["blocks"]["attn"]["q"]["weight"].shape[0] == 1
+    assert shared["decoder_blocks"]["cross_attn"]["q"]["weight"].shape[0] == 3
     assert "decoder_embed" not in shared and "lm_head" not in shared
     assert shared["encoder"]["relpos"]["table"].shape == (32, 4)  # (relpos_buckets, heads)
     assert shared["decoder_relpos"]["table"].shape == (32, 4)

@@ -108,7 +108,7 @@ def test_sharded_forward_matches_one_device_and_params_follow_the_rules():
     up = params["encoder_b"]["blocks"]["mlp"]["up"][...]  # (layers, embed, mlp)
     assert up.sharding.spec == P(None, "fsdp", "tensor")
     assert up.addressable_shards[0].data.shape == (2, 16, 32)
-    proj = params["projection_a"][...]  # (embed, projection)
+    proj = params["projection_a"]["weight"][...]  # (embed, projection)
     assert proj.sharding.spec == P("fsdp", None) and proj.addressable_shards[0].data.shape == (16, 16)
     assert params["logit_scale"][...].sharding.spec == P()
     np.testing.assert_allclose(float(params["logit_scale"][...]), np.log(1 / 0.07), rtol=1e-6)

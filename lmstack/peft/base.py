@@ -1,0 +1,79 @@
+"""The PEFT method contract, and the trainable set.
+
+A method is a class registered as ``peft.NAME`` with ``config_defaults`` (its keys of
+``config.peft``), optional ``config_problems(cfg)``, ``adapter_types`` (the variable types it
+adds; with ``train.trainable`` empty they are the trainable set) and
+``apply(model, section, key)``, which adds its variables to a freshly built model (inside
+the jitted initialisation, so they are created sharded). Adapters live in the
+:class:`lmstack.models.projection.Projection` slots, so one method reaches every family.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable
+
+import jax
+from flax import nnx
+
+from lmstack import registry
+from lmstack.config import ConfigError
+
+
+@registry.register("peft.none")
+class NoPeft:
+    """Full fine-tuning (or pre-training): no adapters; every parameter is trainable unless
+    ``train.trainable`` / ``train.frozen`` say otherwise."""
+
+    config_defaults: dict[str, Any] = {}
+    adapter_types: tuple[type, ...] = ()
+
+    @staticmethod
+    def apply(model: nnx.Module, section: Any, key: jax.Array) -> None:
+        del model, section, key
+
+
+def _compile(pattern: str, key: str) -> re.Pattern | None:
+    if not pattern:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise ConfigError(f"{key}={pattern!r} is not a regular expression ({e}): fix the pattern") from None
+
+
+def trainable_filter(train: Any, method: Any) -> Callable[[tuple, Any], bool]:
+    """The nnx filter ``(path, variable) -> bool`` of the trainable set: ``nnx.Param``s whose
+    dotted path fully matches ``train.trainable`` (empty: every parameter, or only the
+    method's ``adapter_types`` when it has any), minus those matching ``train.frozen``.
+    Raises ConfigError for a pattern that does not compile."""
+    keep, drop = _compile(train.trainable, "train.trainable"), _compile(train.frozen, "train.frozen")
+    adapters = tuple(method.adapter_types)
+
+    def is_trainable(path: tuple, var: Any) -> bool:
+        if not isinstance(var, nnx.Param):
+            return False
+        name = ".".join(map(str, path))
+        if keep is not None:
+            chosen = keep.fullmatch(name) is not None
+        else:
+            chosen = isinstance(var, adapters) if adapters else True
+        return chosen and (drop is None or drop.fullmatch(name) is None)
+
+    return is_trainable
+
+
+def parameter_paths(model_or_state: Any) -> list[str]:
+    """Dotted paths of every ``nnx.Param`` (for error messages that list what exists)."""
+    state = nnx.state(model_or_state, nnx.Param) if isinstance(model_or_state, nnx.Module) else model_or_state
+    return [".".join(map(str, p)) for p, _ in nnx.to_flat_state(state)]
+
+
+def check_trainable(abstract: Any, train: Any) -> None:
+    """Raises ConfigError when the trainable set is empty, listing the parameters there are."""
+    if jax.tree.leaves(abstract["params"]):
+        return
+    have = parameter_paths(abstract["frozen"].filter(nnx.Param))
+    shown = ", ".join(have[:12]) + (f", ... ({len(have)} in all)" if len(have) > 12 else "")
+    raise ConfigError(f"the trainable set is empty (train.trainable={train.trainable!r}, "
+                      f"train.frozen={train.frozen!r}): the parameters are {shown}; patterns match whole dotted paths")
