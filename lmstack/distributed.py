@@ -165,7 +165,8 @@ def _from_slurm(env: Mapping[str, str]) -> ProcessInfo:
     if not nodelist:
         missing.append("SLURM_STEP_NODELIST (or SLURM_JOB_NODELIST)")
     if missing:
-        raise ConfigError(f"SLURM_NTASKS={env['SLURM_NTASKS']} but {', '.join(missing)} is not set: launch each task "
+        raise ConfigError(f"SLURM_NTASKS={env['SLURM_NTASKS']} but {', '.join(missing)} "
+                          f"{'is' if len(missing) == 1 else 'are'} not set: launch each task "
                           f"with srun, or pass --coordinator HOST:PORT --num-processes N --process-id I")
     n = _int_env(env, "SLURM_NTASKS", 1)
     port = _int_env(env, "SLURM_JOB_ID", 0) % 2**12 + _SLURM_PORT_BASE
