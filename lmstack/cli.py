@@ -21,6 +21,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, DataError, MeshError, UnknownNameError, FileNotFoundError)
 
 
+def _add_process_flags(p: argparse.ArgumentParser) -> None:
+    """A job of several processes (multi-host); SLURM sets these itself (see lmstack/distributed.py)."""
+    p.add_argument("--coordinator", default=None,
+                   help="HOST:PORT of process 0, or 'auto' to let jax detect the cluster (TPU pod)")
+    p.add_argument("--num-processes", type=int, default=None, help="how many processes the job has")
+    p.add_argument("--process-id", type=int, default=None, help="this process's index in [0, --num-processes)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lmstack", description="Pre-train and post-train language models in JAX.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -32,11 +40,13 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--workdir", required=True, help="run directory; re-running resumes from its checkpoint")
     t.add_argument("--accept-changed-data", action="store_true",
                    help="resume even though the data's token stream differs from the one the run started on")
+    _add_process_flags(t)
 
     e = sub.add_parser("eval", help="evaluate a saved checkpoint: lmstack eval NAME --workdir W [--step S]")
     e.add_argument("experiment", nargs="?", help="the experiment the workdir was trained with (checked)")
     e.add_argument("--workdir", required=True)
     e.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    _add_process_flags(e)
 
     s = sub.add_parser("sample", help="generate from a saved checkpoint: lmstack sample --workdir W --prompt ...")
     s.add_argument("--workdir", required=True)
@@ -125,6 +135,10 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
         out = train_tokenizer_files(args.input, args.vocab_size, args.out, args.model_type)
         print(f"wrote {out}")
         return 0
+    if args.command in ("train", "eval"):
+        from lmstack.distributed import initialize_from
+
+        initialize_from(args)  # before anything starts jax's backend
     if args.command == "train":
         from lmstack.train import train
 
@@ -133,6 +147,7 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
         train(cfg, args.workdir, accept_changed_data=args.accept_changed_data)
         return 0
     if args.command == "eval":
+        from lmstack.distributed import is_primary
         from lmstack.evaluate import evaluate
 
         cfg = config_lib.load_saved_config(args.workdir)
@@ -142,7 +157,9 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
                 f"pass {cfg.name!r} or another --workdir"
             )
         config_lib.apply_overrides(cfg, overrides)
-        print(json.dumps(evaluate(cfg, args.workdir, args.step), indent=1))
+        results = evaluate(cfg, args.workdir, args.step)
+        if is_primary():
+            print(json.dumps(results, indent=1))
         return 0
     if args.command in ("sample", "chat"):
         _check_sampling(args)

@@ -9,6 +9,7 @@ from typing import Any
 import jax
 import ml_collections as mlc
 
+from lmstack.distributed import global_batch, is_primary
 from lmstack.evals.base import EvalContext, run_evaluators
 from lmstack.run import Run
 
@@ -23,11 +24,12 @@ def evaluate(cfg: mlc.ConfigDict, workdir: str | Path, step: int | None = None) 
     with jax.set_mesh(run.mesh):
         ctx = EvalContext(
             cfg=cfg, data=data, objective=run.objective, batches=run.objective.eval_batches(data),
-            loss_sums=lambda b: eval_fn(state, jax.device_put(b, bsh)),
+            loss_sums=lambda b: eval_fn(state, global_batch(b, bsh)),
             model=lambda: run.model(state),
         )
         results = run_evaluators(ctx)
     out = {"step": int(state["step"]), **results}
-    (run.workdir / "eval").mkdir(exist_ok=True)
-    (run.workdir / "eval" / f"step_{out['step']}.json").write_text(json.dumps(out, indent=1))
+    if is_primary():
+        (run.workdir / "eval").mkdir(exist_ok=True)
+        (run.workdir / "eval" / f"step_{out['step']}.json").write_text(json.dumps(out, indent=1))
     return out

@@ -29,6 +29,7 @@ from lmstack.config import ConfigError, check_resume, compose, load_saved_config
 from lmstack.data.pipeline import TokenStream, split_stream, tokenize_documents
 from lmstack.data.sources import load_documents
 from lmstack.data.tokenizers import Tokenizer, build_tokenizer
+from lmstack.distributed import is_primary, process_rows
 from lmstack.init_from import InitSource, inherit, open_parent, parse_init_from, resize_vocab, with_shapes
 from lmstack.optim import make_optimizer
 from lmstack.runspec import RunSpec, fresh_spec, stream_digest
@@ -43,6 +44,7 @@ class RunData:
     tokenizer: Tokenizer
     train: TokenStream
     val: TokenStream
+    train_rows: slice | None = None  # this process's rows of each training batch (None: all)
 
 
 def check_batch(batch_size: int, mesh: Mesh, key: str, microbatches: int = 1) -> None:
@@ -128,9 +130,11 @@ class Run:
                 f"other text; restore the data, pick a new --workdir, or pass --accept-changed-data to resume anyway")
         spec = dataclasses.replace(spec, data_digest=digest)
         run = cls(cfg, workdir, spec, mesh)  # builds the layout: fails before anything is written
-        workdir.mkdir(parents=True, exist_ok=True)
-        spec.save(workdir)
-        save_config(cfg, workdir)
+        data.train_rows = process_rows(run.batch_sharding, cfg.train.batch_size)
+        if is_primary():
+            workdir.mkdir(parents=True, exist_ok=True)
+            spec.save(workdir)
+            save_config(cfg, workdir)
         return run, data
 
     @classmethod

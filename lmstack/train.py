@@ -22,6 +22,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from lmstack.checkpoint import Checkpointer
+from lmstack.distributed import any_process, fetch, global_batch, is_primary
 from lmstack.evals.base import EvalContext, run_evaluators
 from lmstack.metrics_log import MetricsWriter
 from lmstack.perf import mfu
@@ -31,11 +32,17 @@ from lmstack.trainstate import param_count
 
 
 class _StopFlag:
-    """Set by SIGTERM/SIGINT; the loop checks it between steps, saves and exits cleanly."""
+    """Set by SIGTERM/SIGINT; the loop checks it between steps, saves and exits cleanly. In a
+    job of several processes they stop together, after the same step, if any was signalled."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
+        self.stopping = False
         self._previous: dict[int, Any] = {}
+
+    def check(self) -> bool:
+        self.stopping = any_process(self.signal is not None)
+        return self.stopping
 
     def __enter__(self) -> "_StopFlag":
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -51,7 +58,8 @@ class _StopFlag:
 
 
 def _say(msg: str) -> None:
-    tqdm.write(msg, file=sys.stdout)
+    if is_primary():
+        tqdm.write(msg, file=sys.stdout)
 
 
 def train(cfg: mlc.ConfigDict, workdir: str | Path, *, accept_changed_data: bool = False) -> dict[str, Any]:
@@ -75,7 +83,8 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *, accept_changed_data: bool
     step_fn = run.train_step()
     eval_fn = run.eval_step()
     val_batches = objective.eval_batches(data)
-    writer = MetricsWriter(workdir, jsonl=cfg.log.jsonl, tensorboard=cfg.log.tensorboard)
+    primary = is_primary()
+    writer = MetricsWriter(workdir, jsonl=cfg.log.jsonl and primary, tensorboard=cfg.log.tensorboard and primary)
     config_json = cfg.to_dict()
     fpt = run.model_cfg.flops_per_token(cfg.data.seq_len)
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
@@ -85,7 +94,7 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *, accept_changed_data: bool
         with jax.set_mesh(mesh):
             ctx = EvalContext(
                 cfg=cfg, data=data, objective=objective, batches=val_batches,
-                loss_sums=lambda b: eval_fn(state, jax.device_put(b, bsh)),
+                loss_sums=lambda b: eval_fn(state, global_batch(b, bsh)),
                 model=lambda: run.model(state),
             )
             results = run_evaluators(ctx)
@@ -98,14 +107,14 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *, accept_changed_data: bool
     summary: dict[str, Any] = {"start_step": start, "params": param_count(abstract)}
     step_times: list[float] = []
     compile_s = None
-    bar = tqdm(total=cfg.train.steps, initial=start, disable=not cfg.train.progress, unit="step",
+    bar = tqdm(total=cfg.train.steps, initial=start, disable=not (cfg.train.progress and primary), unit="step",
                dynamic_ncols=True, file=sys.stderr)
     step = start
     try:
         with _StopFlag() as stop, jax.set_mesh(mesh):
             last_t, last_step = time.perf_counter(), start
-            while step < cfg.train.steps and stop.signal is None:
-                batch = jax.device_put(next(train_iter), bsh)
+            while step < cfg.train.steps and not stop.stopping:
+                batch = global_batch(next(train_iter), bsh, cfg.train.batch_size)
                 state, metrics = step_fn(state, batch, jax.random.fold_in(base_rng, step))
                 step += 1
                 bar.update(1)
@@ -127,11 +136,11 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *, accept_changed_data: bool
                 if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
                     run_eval(step)
                     last_t = time.perf_counter()  # evaluation time is not training throughput
-                if step % cfg.checkpoint.every == 0 or step == cfg.train.steps or stop.signal is not None:
+                if stop.check() or step % cfg.checkpoint.every == 0 or step == cfg.train.steps:
                     ckpt.save(step, state, train_iter, config_json)
-            if stop.signal is not None:
+            if stop.stopping:
                 ckpt.wait()
-                _say(f"received signal {stop.signal}: saved a checkpoint at step {step} in {ckpt.directory}; "
+                _say(f"received signal {stop.signal or 'SIGTERM/SIGINT on another process'}: saved a checkpoint at step {step} in {ckpt.directory}; "
                      f"re-run the same command to resume")
                 summary.update(step=step, interrupted=True)
                 return summary
@@ -164,7 +173,7 @@ def sample_text(run: Run, state: dict, data: RunData) -> str | None:
     tok = data.tokenizer
     source = data.val if len(data.val) else data.train
     ids = encode_prompt(tok, cfg.sample.prompt) if cfg.sample.prompt else [int(t) for t in source.tokens[:16]]
-    model = nnx.merge(run.graphdef, jax.device_get(state["params"]), jax.device_get(state["frozen"]))
+    model = nnx.merge(run.graphdef, fetch(state["params"]), fetch(state["frozen"]))
     s = cfg.sample
     return continue_text(model, tok, ids, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                          top_k=s.top_k, top_p=s.top_p, seed=s.seed)[0]

@@ -118,21 +118,23 @@ def split_stream(
 
 
 def train_iterator(
-    stream: TokenStream, *, seq_len: int, batch_size: int, seed: int
+    stream: TokenStream, *, seq_len: int, batch_size: int, seed: int, rows: slice | None = None
 ) -> grain.DatasetIterator:
     """An endless grain iterator of random windows: dicts of int32 ``(batch_size, seq_len + 1)``.
 
     Keys: ``tokens``, ``segment_ids``, ``positions``. Window ``g`` (counting over all
     batches) starts at a uniform offset in ``[0, len - seq_len - 1]`` that depends only on
     ``(seed, g)``, so the iterator's state is just the batch count and checkpoints with
-    ``get_state``/``set_state`` or ``grain.checkpoint.CheckpointSave``.
+    ``get_state``/``set_state`` or ``grain.checkpoint.CheckpointSave``. ``rows`` (default:
+    all) keeps only those rows of each batch: one process's share of a multi-process batch
+    (``lmstack.distributed.process_rows``), the same windows as in the whole batch.
     """
     _check_positive(**{"data.seq_len": seq_len, "train.batch_size": batch_size})
     _check_stream(stream, seq_len)
     if seed < 0:
         raise DataError(f"data.seed: {seed} is negative: pass a seed >= 0")
     # sys.maxsize batches is "endless": a step counter never gets there.
-    ds = grain.MapDataset.range(sys.maxsize).map(_RandomWindows(stream, seq_len, batch_size, seed))
+    ds = grain.MapDataset.range(sys.maxsize).map(_RandomWindows(stream, seq_len, batch_size, seed, rows))
     return iter(ds.to_iter_dataset(_READ_OPTIONS))
 
 
@@ -224,7 +226,8 @@ def segment_positions(segment_ids: np.ndarray) -> np.ndarray:
 
 
 def transformed_windows_iterator(
-    stream: TokenStream, *, window_length: int, batch_size: int, seed: int, transform: Transform
+    stream: TokenStream, *, window_length: int, batch_size: int, seed: int, transform: Transform,
+    rows: slice | None = None,
 ) -> grain.DatasetIterator:
     """An endless grain iterator like :func:`train_iterator`, but each window of
     ``window_length`` tokens goes through ``transform(window, rng)`` (a noising function:
@@ -232,17 +235,18 @@ def transformed_windows_iterator(
     outputs. ``window`` holds the 1-D ``tokens``, ``segment_ids`` and ``positions`` of one
     window (documents numbered from 1, as in :meth:`TokenStream.windows`). The rng of window
     ``g`` is seeded by ``(seed, g)``: every random choice is per example, so batches are
-    deterministic, resumable and the same however a step splits them into microbatches."""
+    deterministic, resumable and the same however a step splits them into microbatches, or
+    a multi-process batch into each process's ``rows`` (default: all)."""
     _check_positive(**{"window length": window_length, "train.batch_size": batch_size})
     _check_stream(stream, window_length - 1)
-    windows = _RandomWindows(stream, window_length - 1, batch_size, seed)
+    windows = _RandomWindows(stream, window_length - 1, batch_size, seed, rows)
 
     def make(batch_index: int) -> Batch:
         batch = windows(batch_index)
-        first = batch_index * batch_size
-        rows = [transform({k: v[r] for k, v in batch.items()}, np.random.default_rng([seed, first + r]))
-                for r in range(batch_size)]
-        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        first = batch_index * batch_size + windows.rows.start
+        out = [transform({k: v[r] for k, v in batch.items()}, np.random.default_rng([seed, first + r]))
+               for r in range(len(batch["tokens"]))]
+        return {k: np.stack([r[k] for r in out]) for k in out[0]}
 
     ds = grain.MapDataset.range(sys.maxsize).map(make)
     return iter(ds.to_iter_dataset(_READ_OPTIONS))
@@ -269,16 +273,20 @@ def transformed_eval_batches(
 
 
 class _RandomWindows:
-    """Batch index -> a batch of windows at offsets hashed from (seed, window index)."""
+    """Batch index -> ``rows`` of a batch of windows at offsets hashed from (seed, window index)."""
 
-    def __init__(self, stream: TokenStream, seq_len: int, batch_size: int, seed: int):
+    def __init__(self, stream: TokenStream, seq_len: int, batch_size: int, seed: int, rows: slice | None = None):
         self.stream, self.seq_len, self.batch_size = stream, seq_len, batch_size
+        self.rows = slice(0, batch_size) if rows is None else rows
+        if not 0 <= self.rows.start < self.rows.stop <= batch_size:
+            raise DataError(f"rows {self.rows.start}:{self.rows.stop} of a batch of train.batch_size={batch_size}: "
+                            f"out of range")
         self.key = _mix64(np.array([seed], np.uint64))
         self.n_starts = np.uint64(len(stream) - seq_len)
 
     def __call__(self, batch_index: int) -> Batch:
         first = batch_index * self.batch_size
-        window = np.arange(first, first + self.batch_size, dtype=np.uint64)
+        window = np.arange(first + self.rows.start, first + self.rows.stop, dtype=np.uint64)
         # 64-bit hashes mod a count far below 2**64: the bias is far below 1e-9.
         starts = _mix64(self.key + window) % self.n_starts
         return self.stream.windows(starts.astype(np.int64), self.seq_len + 1)

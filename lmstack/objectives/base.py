@@ -99,7 +99,8 @@ class WindowObjective:
 
     def train_batches(self, data: Any) -> Iterator[dict]:
         c = self.cfg
-        return train_iterator(data.train, seq_len=c.data.seq_len, batch_size=c.train.batch_size, seed=c.data.seed)
+        return train_iterator(data.train, seq_len=c.data.seq_len, batch_size=c.train.batch_size, seed=c.data.seed,
+                              rows=data.train_rows)
 
     def eval_batches(self, data: Any) -> list[dict]:
         c = self.cfg
@@ -135,7 +136,8 @@ class TransformedWindowObjective(WindowObjective):
         c = self.cfg
         self.bind(data.tokenizer)
         return transformed_windows_iterator(data.train, window_length=self.window_length(),
-                                            batch_size=c.train.batch_size, seed=c.data.seed, transform=self.transform)
+                                            batch_size=c.train.batch_size, seed=c.data.seed, transform=self.transform,
+                                            rows=data.train_rows)
 
     def eval_batches(self, data: Any) -> list[dict]:
         c = self.cfg
