@@ -41,7 +41,7 @@ _CHOOSING_KEYS = ("model.name", "objective.name", "peft.name", "eval.names")
 _POSITIVE = ("train.steps", "train.batch_size", "train.microbatches", "data.seq_len",
              "model.d_model", "model.n_layers", "model.n_heads", "model.scan_unroll")
 _NON_NEGATIVE = ("model.vocab_size", "model.n_kv_heads", "model.head_dim", "model.d_ff",  # 0: derived
-                 "model.max_seq_len", "optimizer.warmup_steps", "optimizer.decay_steps")
+                 "model.max_seq_len", "optimizer.warmup_steps", "optimizer.decay_steps", "train.frozen_layers")
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
 _PREFIXES = ("--config.", "config.")
 

@@ -194,12 +194,12 @@ class Run:
 
     def train_step(self):
         return compile_train_step(self.graphdef, self.tx, self.schedule, self.objective, self.cfg.train.microbatches,
-                                  self.shardings, self.batch_sharding)
+                                  self.shardings, self.batch_sharding, frozen_layers=self.cfg.train.frozen_layers)
 
     def eval_step(self):
         return compile_eval_step(self.graphdef, self.objective, self.shardings, self.batch_sharding)
 
-    def describe(self, n_params: int, train_tokens: int) -> str:
+    def describe(self, n_params: int, n_trainable: int, train_tokens: int) -> str:
         """The derived values printed at the start of a run."""
         cfg, seq = self.cfg, self.cfg.data.seq_len
         tokens_per_step = cfg.train.batch_size * seq
@@ -210,7 +210,9 @@ class Run:
             f"lmstack {cfg.name}{':' + cfg.arg if cfg.arg else ''}: {jax.device_count()} {jax.default_backend()} "
             f"device(s), mesh {mesh_s}",
             f"  init from        {self.spec.lineage.get('from', 'scratch')}",
-            f"  parameters       {n_params:,}",
+            f"  parameters       {n_params:,}" + ("" if n_trainable == n_params else
+                                                    f" ({n_trainable:,} trainable, {n_trainable / n_params:.2%}"
+                                                    f"{', peft ' + cfg.peft.name if cfg.peft.name != 'none' else ''})"),
             f"  vocabulary       {self.spec.vocab_size:,} ({self.spec.tokenizer.kind} tokenizer "
             f"{self.spec.tokenizer.vocab_size:,} + {len(self.spec.special_ids)} reserved)",
             f"  tokens per step  {tokens_per_step:,} (batch {cfg.train.batch_size} x seq {seq}"

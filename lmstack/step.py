@@ -60,6 +60,20 @@ def _loss_and_grads(graphdef, params, frozen, objective, batch, rng, microbatche
     return loss_sum, aux, grads
 
 
+def _freeze_first_layers(updates: Any, k: int) -> Any:
+    """``updates`` with the rows of the first ``k`` layers of every stacked parameter (logical
+    axis ``layers`` first) zeroed, weight decay included: those layers stay exactly as they were."""
+
+    def mask(v: Any) -> Any:
+        names = v.get_metadata().get("out_sharding") or () if isinstance(v, nnx.Variable) else ()
+        if not names or names[0] != "layers":
+            return v
+        keep = (jnp.arange(v.shape[0]) >= k).reshape(-1, *([1] * (v.ndim - 1)))
+        return v.replace(v.get_value() * keep.astype(v.dtype))
+
+    return jax.tree.map(mask, updates, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
 def train_step(
     state: TrainState,
     batch: dict[str, jax.Array],
@@ -70,6 +84,7 @@ def train_step(
     schedule: optax.Schedule,
     objective: Any,
     microbatches: int,
+    frozen_layers: int = 0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update on one global batch; returns the new state and the metrics.
 
@@ -80,6 +95,10 @@ def train_step(
     ``exact_microbatches = False`` is refused when the config loads). ``rng`` only feeds
     the model's dropout: microbatch i gets ``fold_in(rng, i)``, so with dropout the masks
     (not the batch) differ between microbatch counts, equal in distribution only.
+
+    ``frozen_layers`` k > 0 zeroes the updates (weight decay included) of the first k
+    layers of every stacked parameter, so they stay exactly as they were; the trainable set
+    (``state["params"]``) is chosen per parameter path, this per layer of a stack.
 
     Non-finite guard: if the loss or the gradient norm is not finite, parameters and
     optimizer state stay as they were and ``skipped`` is 1. ``step`` still advances (it
@@ -96,6 +115,8 @@ def train_step(
     grad_norm = optax.tree.norm(grads)
     lr = schedule(schedule_count(state["opt_state"]))
     updates, opt_state = tx.update(grads, state["opt_state"], params)
+    if frozen_layers:
+        updates = _freeze_first_layers(updates, frozen_layers)
     new_params = optax.apply_updates(params, updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
@@ -122,10 +143,12 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.G
     return {"loss": loss_sum, **aux}
 
 
-def compile_train_step(graphdef, tx, schedule, objective, microbatches, state_sharding, batch_sharding: NamedSharding):
+def compile_train_step(graphdef, tx, schedule, objective, microbatches, state_sharding, batch_sharding: NamedSharding,
+                       frozen_layers: int = 0):
     """``jax.jit`` of :func:`train_step` with its static parts bound; donates the state."""
     fn = functools.partial(
-        train_step, graphdef=graphdef, tx=tx, schedule=schedule, objective=objective, microbatches=microbatches
+        train_step, graphdef=graphdef, tx=tx, schedule=schedule, objective=objective, microbatches=microbatches,
+        frozen_layers=frozen_layers,
     )
     replicated = NamedSharding(batch_sharding.mesh, P())
     return jax.jit(

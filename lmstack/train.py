@@ -28,7 +28,7 @@ from lmstack.metrics_log import MetricsWriter
 from lmstack.perf import mfu
 from lmstack.run import Run, RunData
 from lmstack.sample import continue_text, encode_prompt
-from lmstack.trainstate import param_count
+from lmstack.trainstate import param_count, trainable_count
 
 
 class _StopFlag:
@@ -78,7 +78,7 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *, accept_changed_data: bool
         _say(f"resumed from {ckpt.directory} at step {int(state['step'])}")
     else:
         state = run.init_state()
-    _say(run.describe(param_count(abstract), len(data.train)))
+    _say(run.describe(param_count(abstract), trainable_count(abstract), len(data.train)))
 
     step_fn = run.train_step()
     eval_fn = run.eval_step()
@@ -104,7 +104,8 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *, accept_changed_data: bool
         return results
 
     start = int(state["step"])
-    summary: dict[str, Any] = {"start_step": start, "params": param_count(abstract)}
+    summary: dict[str, Any] = {"start_step": start, "params": param_count(abstract),
+                               "trainable_params": trainable_count(abstract)}
     step_times: list[float] = []
     compile_s = None
     bar = tqdm(total=cfg.train.steps, initial=start, disable=not (cfg.train.progress and primary), unit="step",

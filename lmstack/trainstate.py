@@ -92,4 +92,11 @@ def init_state(make_model: Callable[[], nnx.Module], tx: optax.GradientTransform
 
 
 def param_count(state_or_abstract: TrainState) -> int:
+    """Every ``nnx.Param`` of the model, trainable or frozen."""
+    frozen = state_or_abstract["frozen"].filter(nnx.Param)
+    return trainable_count(state_or_abstract) + sum(x.size for x in jax.tree.leaves(frozen))
+
+
+def trainable_count(state_or_abstract: TrainState) -> int:
+    """The parameters that get gradients and optimizer state."""
     return sum(x.size for x in jax.tree.leaves(state_or_abstract["params"]))

@@ -128,7 +128,7 @@ def test_bad_targets_and_ranks_are_one_line_errors():
         apply_lora(model, LoraSpec(4, 8.0, 0.0, "blocks.(attn", False), jax.random.key(0))
 
 
-def _train_steps(cfg, n=3):
+def _train_steps(cfg, n=3, frozen_layers=0):
     from lmstack.config import compose
 
     cfg = compose(cfg)
@@ -139,7 +139,8 @@ def _train_steps(cfg, n=3):
     trainable = trainable_filter(cfg.train, peft_method(cfg.peft))
     graphdef, state, shardings = init_state(make, tx, mesh, trainable)
     before = jax.device_get(state)
-    step = compile_train_step(graphdef, tx, schedule, _LM(), 1, shardings, batch_sharding(mesh))
+    step = compile_train_step(graphdef, tx, schedule, _LM(), 1, shardings, batch_sharding(mesh),
+                              frozen_layers=frozen_layers)
     batch = {"tokens": jnp.asarray(np.random.default_rng(3).integers(0, VOCAB, (2, 9)), jnp.int32)}
     with jax.set_mesh(mesh):
         for i in range(n):
@@ -183,3 +184,13 @@ def test_train_trainable_and_frozen_choose_parameters_by_path():
     c.train.trainable, c.train.frozen = "", "embed|final_norm.scale"
     _, after, _ = _train_steps(c, n=1)
     assert "embed" not in _paths(after["params"]) and "blocks.mlp.up.weight" in _paths(after["params"])
+
+
+def test_frozen_layers_keep_the_first_blocks_exactly():
+    before, after, _ = _train_steps(tiny_cfg(), n=2, frozen_layers=1)
+    for path in (("attn", "q", "weight"), ("mlp", "down", "weight"), ("attn_norm", "scale")):
+        old, new = (np.asarray(t["params"]["blocks"][path[0]][path[1]][...]) if len(path) == 2 else
+                    np.asarray(t["params"]["blocks"][path[0]][path[1]][path[2]][...]) for t in (before, after))
+        np.testing.assert_array_equal(new[0], old[0])  # layer 0: frozen, weight decay included
+        assert np.abs(new[1] - old[1]).max() > 0
+    assert np.abs(after["params"]["embed"][...] - before["params"]["embed"][...]).max() > 0
