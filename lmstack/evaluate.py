@@ -133,8 +133,8 @@ class CheckpointEvaluator:
             step = int(state["step"])
         elif step is None and not steps:
             raise FileNotFoundError(
-                f"no finished checkpoint in {self.directory} yet: wait for `lmstack train` to save one "
-                f"(every checkpoint.every={self.cfg.checkpoint.every} steps), or pass --watch to evaluate each as it is saved")
+                f"no finished checkpoint in {self.directory} yet: wait for `lmstack train` to save one (every "
+                f"checkpoint.every={self.cfg.checkpoint.every} steps), or pass --watch to evaluate each as it is saved")
         else:
             step = steps[-1] if step is None else step
             if step not in steps:
