@@ -25,11 +25,14 @@ def has_checkpoint(workdir: str | Path) -> bool:
 class Checkpointer:
     """Keep-N manager over ``WORKDIR/checkpoints``; every save holds state + data + config."""
 
-    def __init__(self, workdir: str | Path, *, keep: int = 3, async_save: bool = True):
+    def __init__(self, workdir: str | Path, *, keep: int = 3, async_save: bool = True, read_only: bool = False):
+        """``read_only`` opens another process's checkpoints (an evaluator watching a run):
+        it never saves, deletes or creates anything there."""
         self.directory = Path(workdir).resolve() / "checkpoints"
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             enable_async_checkpointing=async_save,
+            read_only=read_only,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -38,6 +41,13 @@ class Checkpointer:
 
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
+
+    def reload(self) -> list[int]:
+        """The finished steps, read again from disk (another process may have saved since), in
+        order. orbax lists only finalized step directories: a save in progress (its temporary
+        directory) is never among them."""
+        self.manager.reload()
+        return self.all_steps()
 
     def save(self, step: int, state: Any, data_iterator: Any | None, config_json: dict[str, Any]) -> None:
         items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config_json)}

@@ -42,10 +42,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="resume even though the data's token stream differs from the one the run started on")
     _add_process_flags(t)
 
-    e = sub.add_parser("eval", help="evaluate a saved checkpoint: lmstack eval NAME --workdir W [--step S]")
+    e = sub.add_parser("eval", help="evaluate saved checkpoints: lmstack eval NAME --workdir W [--step N|all] "
+                                    "[--watch]; one JSON line per step, also in W/eval/results.jsonl")
     e.add_argument("experiment", nargs="?", help="the experiment the workdir was trained with (checked)")
     e.add_argument("--workdir", required=True)
-    e.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    e.add_argument("--step", default=None, help="a checkpoint step, or 'all' for every one not yet in "
+                                                "W/eval/results.jsonl (default: the latest)")
+    e.add_argument("--watch", action="store_true", help="evaluate each checkpoint of a running job once, as it is "
+                                                        "saved, until its last step (train.steps)")
+    e.add_argument("--poll-seconds", type=float, default=None, help="with --watch: how often to look (default 30)")
+    e.add_argument("--timeout-seconds", type=float, default=None,
+                   help="with --watch: stop after this long without a new checkpoint (default 3600)")
     _add_process_flags(e)
 
     s = sub.add_parser("sample", help="generate from a saved checkpoint: lmstack sample --workdir W --prompt ...")
@@ -148,18 +155,29 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
         return 0
     if args.command == "eval":
         from lmstack.distributed import is_primary
-        from lmstack.evaluate import evaluate
+        from lmstack.evaluate import check_eval_flags, check_run_dir, evaluate, evaluate_all, watch
 
-        cfg = config_lib.load_saved_config(args.workdir)
+        step, poll_s, timeout_s = check_eval_flags(args.step, args.watch, args.poll_seconds, args.timeout_seconds)
+        cfg = config_lib.load_saved_config(check_run_dir(args.workdir))
         if args.experiment and args.experiment.split(":")[0] != cfg.name:
             raise config_lib.ConfigError(
                 f"workdir {args.workdir!r} was trained with experiment {cfg.name!r}, not {args.experiment!r}: "
                 f"pass {cfg.name!r} or another --workdir"
             )
         config_lib.apply_overrides(cfg, overrides)
-        results = evaluate(cfg, args.workdir, args.step)
-        if is_primary():
-            print(json.dumps(results, indent=1))
+        if args.watch:
+            records = watch(cfg, args.workdir, poll_seconds=poll_s, timeout_seconds=timeout_s)
+        elif step == "all":
+            records = evaluate_all(cfg, args.workdir)
+        else:
+            records = [evaluate(cfg, args.workdir, step)]
+        try:
+            for record in records:
+                if is_primary():
+                    print(json.dumps(record), flush=True)
+        except KeyboardInterrupt:  # the usual way to stop a watcher; every record so far is written
+            print("lmstack: eval stopped", file=sys.stderr)
+            return 130
         return 0
     if args.command in ("sample", "chat"):
         _check_sampling(args)

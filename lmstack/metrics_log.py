@@ -18,7 +18,9 @@ class MetricsWriter:
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(workdir / "tb"))
+            # tensorboardX names its file by the second and opens it "wb": a second writer within the same
+            # second (a quick restart, two evaluations) would truncate the first's; the nanoseconds keep them apart.
+            self._tb = SummaryWriter(str(workdir / "tb"), filename_suffix=f".{time.time_ns() % 10**9:09d}")
 
     def write(self, step: int, metrics: Mapping[str, Any], prefix: str = "train") -> None:
         values = {f"{prefix}/{k}": float(v) for k, v in metrics.items()}
@@ -27,6 +29,11 @@ class MetricsWriter:
         if self._tb is not None:
             for k, v in values.items():
                 self._tb.add_scalar(k, v, step)
+
+    def flush(self) -> None:
+        """Make what was written visible to readers now (TensorBoard otherwise buffers up to 2 min)."""
+        if self._tb is not None:
+            self._tb.flush()
 
     def close(self) -> None:
         if self._jsonl is not None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import struct
+from pathlib import Path
+
 import numpy as np
 
 from lmstack.configs.base import base_config
@@ -74,3 +77,23 @@ def bytes_to_unicode() -> dict[int, str]:
             cs.append(256 + n)
             n += 1
     return dict(zip(bs, map(chr, cs)))
+
+
+def read_tb_scalars(tb_dir: Path) -> dict[str, dict[int, float]]:
+    """tag -> {step: value} from every TensorBoard event file under ``tb_dir`` (TFRecord framing)."""
+    from tensorboardX.proto import event_pb2
+
+    out: dict[str, dict[int, float]] = {}
+    files = sorted(tb_dir.rglob("events.out.tfevents.*"))
+    assert files, f"no event file under {tb_dir}"
+    for path in files:
+        data = path.read_bytes()
+        pos = 0
+        while pos < len(data):
+            (length,) = struct.unpack_from("<Q", data, pos)
+            record = data[pos + 12 : pos + 12 + length]  # u64 length, u32 crc, data, u32 crc
+            pos += 12 + length + 4
+            event = event_pb2.Event.FromString(record)
+            for value in event.summary.value:
+                out.setdefault(value.tag, {})[event.step] = value.simple_value
+    return out

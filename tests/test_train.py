@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -32,7 +31,7 @@ from lmstack.evaluate import evaluate
 from lmstack.run import Run
 from lmstack.sharding import RULES, make_mesh
 from lmstack.train import train
-from tests.helpers import tiny_config
+from tests.helpers import read_tb_scalars, tiny_config
 
 STEPS = 30
 SIGNAL_AFTER = 13  # signal the run once this step is logged: after the checkpoint at 10, before 15
@@ -291,26 +290,6 @@ def test_half_written_checkpoint_is_not_the_latest(runner, reference, sigtermed)
 
 
 # ----------------------------------------------------------------------------- metrics files
-
-
-def read_tb_scalars(tb_dir: Path) -> dict[str, dict[int, float]]:
-    """tag -> {step: value} from every TensorBoard event file under ``tb_dir`` (TFRecord framing)."""
-    from tensorboardX.proto import event_pb2
-
-    out: dict[str, dict[int, float]] = {}
-    files = sorted(tb_dir.rglob("events.out.tfevents.*"))
-    assert files, f"no event file under {tb_dir}"
-    for path in files:
-        data = path.read_bytes()
-        pos = 0
-        while pos < len(data):
-            (length,) = struct.unpack_from("<Q", data, pos)
-            record = data[pos + 12 : pos + 12 + length]  # u64 length, u32 crc, data, u32 crc
-            pos += 12 + length + 4
-            event = event_pb2.Event.FromString(record)
-            for value in event.summary.value:
-                out.setdefault(value.tag, {})[event.step] = value.simple_value
-    return out
 
 
 def test_metrics_jsonl_and_tensorboard(reference):
