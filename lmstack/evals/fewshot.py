@@ -12,19 +12,11 @@ shot equal to the document is dropped and the first ``n`` kept.
 from __future__ import annotations
 
 import random
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 # The few-shot keys every prompting evaluator's config section has (eval.NAME.*).
 FEWSHOT_DEFAULTS = dict(num_fewshot=0, fewshot_seed=1234, description="", target_delimiter=" ",
                         fewshot_delimiter="\n\n")
-
-
-def fewshot_problems(section: str, settings: Any) -> list[str]:
-    """Load-time errors for the few-shot keys of ``eval.<section>``."""
-    if settings.num_fewshot < 0:
-        return [f"eval.{section}.num_fewshot={settings.num_fewshot} is negative: set --config.eval.{section}."
-                f"num_fewshot to 0 (no shots) or more"]
-    return []
 
 
 def fewshot_contexts(docs: Sequence[dict], doc_to_text: Callable[[dict], str], doc_to_target: Callable[[dict], str],

@@ -27,9 +27,9 @@ from lmstack.data.sources import DataError
 from lmstack.data.tokenizers import Tokenizer, with_bos
 from lmstack.evals.answers import SCORINGS, score_answer
 from lmstack.evals.base import EvalContext
-from lmstack.evals.fewshot import FEWSHOT_DEFAULTS, fewshot_contexts, fewshot_problems
+from lmstack.evals.fewshot import FEWSHOT_DEFAULTS, fewshot_contexts
 from lmstack.evals.loglikelihood import prefix_token
-from lmstack.evals.tasks import generation_docs, render
+from lmstack.evals.tasks import generation_docs, minimum_problems, render
 from lmstack.generate import generate
 from lmstack.registry import register
 
@@ -92,15 +92,13 @@ DEFAULTS = dict(GENERATION_DEFAULTS, scoring="exact_match", regex="", strip=True
 
 def generation_problems(section: str, settings: Any) -> list[str]:
     """Load-time errors of a generation evaluator's section ``eval.<section>``."""
-    out = fewshot_problems(section, settings)
+    out = minimum_problems(section, settings, dict(num_fewshot=0, max_new_tokens=1, batch_size=1, limit=0,
+                                                   max_length=0))
     for key in ("path", "fewshot_path"):
         path = settings[key]
         if (key == "path" or path) and not Path(path).is_file():
             out.append(f"eval.{section}.{key}={path!r} is not a file: point --config.eval.{section}.{key} at a "
                        f"JSONL file of {{\"question\": ..., \"answer\": ...}} objects")
-    for key in ("max_new_tokens", "batch_size"):
-        if settings[key] < 1:
-            out.append(f"eval.{section}.{key}={settings[key]} must be at least 1")
     return out
 
 

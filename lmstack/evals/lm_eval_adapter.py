@@ -6,8 +6,8 @@
     import lm_eval
     lm_eval.simple_evaluate(model=LmstackLM(workdir="runs/x"), tasks=["hellaswag"])
 
-or, once this module is imported, ``--model lmstack --model_args workdir=runs/x,step=1000``
-(registered with lm-eval as ``lmstack``). The scoring lives in plain functions that take the
+or, once ``LmstackLM`` has been imported (which registers it with lm-eval as ``lmstack``),
+``--model lmstack --model_args workdir=runs/x,step=1000`` through lm-eval's Python entry points. The scoring lives in plain functions that take the
 requests' ``args`` and need no lm-eval: :func:`lmstack.evals.loglikelihood.continuation_logprobs`
 (``loglikelihood``), :func:`lmstack.evals.loglikelihood.rolling_loglikelihood`
 (``loglikelihood_rolling``) and :func:`generate_until_requests` (``generate_until``).

@@ -22,10 +22,10 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from lmstack.evals.base import EvalContext
-from lmstack.evals.fewshot import FEWSHOT_DEFAULTS, fewshot_contexts, fewshot_problems
+from lmstack.evals.fewshot import FEWSHOT_DEFAULTS, fewshot_contexts
 from lmstack.evals.loglikelihood import continuation_logprobs
 from lmstack.evals.stdlib_docstrings import stdlib_docstrings
-from lmstack.evals.tasks import multiple_choice_docs
+from lmstack.evals.tasks import minimum_problems, multiple_choice_docs
 from lmstack.registry import register
 
 # config.eval.multiple_choice (the few-shot keys: lmstack.evals.fewshot): which task, its JSONL
@@ -56,7 +56,7 @@ def multiple_choice_metrics(logprobs: Sequence[Sequence[float]], docs: Sequence[
 
 def _problems(cfg: Any) -> list[str]:
     s = cfg.eval.multiple_choice
-    out = fewshot_problems("multiple_choice", s)
+    out = minimum_problems("multiple_choice", s, dict(num_fewshot=0, batch_size=1, limit=0, max_length=0))
     if s.task == "jsonl" and not Path(s.path).is_file():
         out.append(f"eval.multiple_choice.path={s.path!r} is not a file: point --config.eval.multiple_choice.path at "
                    f"a JSONL file of {{\"query\": ..., \"choices\": [...], \"gold\": N}} objects")
@@ -66,8 +66,6 @@ def _problems(cfg: Any) -> list[str]:
     if s.fewshot_path and not Path(s.fewshot_path).is_file():
         out.append(f"eval.multiple_choice.fewshot_path={s.fewshot_path!r} is not a file: point it at a JSONL file "
                    f"or set it to '' (shots from the task's own documents)")
-    if s.batch_size < 1:
-        out.append(f"eval.multiple_choice.batch_size={s.batch_size} must be at least 1")
     return out
 
 

@@ -9,7 +9,7 @@ in nats) it also reports lm-evaluation-harness's per-text perplexities
 - ``word_perplexity`` = exp(total NLL / words), words counted per document as
   ``len(re.split(r"\\s+", text))``.
 
-The scored text is found from the held-out windows themselves (:func:`scored_documents`).
+The scored text is read back from the held-out windows themselves (:func:`scored_documents`).
 The NLL is the objective's: it includes predicting each document's eos (zero bytes) and not
 its first token, which has nothing before it in its document (lm-eval's rolling
 log-likelihood scores the first token after a prefix token instead, and no eos).
@@ -29,27 +29,28 @@ from lmstack.registry import register
 
 
 def scored_documents(batches: Sequence[dict[str, Any]], tokenizer: Tokenizer) -> list[str]:
-    """The text of the tokens a causal LM is scored on, one string per document, from
-    consecutive held-out windows (``tokens``, ``segment_ids``, ``positions``; segment 0 is
-    padding), in order.
+    """The text of the tokens a causal LM is scored on, one string per document, from the
+    consecutive held-out windows of :func:`lmstack.data.pipeline.eval_batches` (``tokens``
+    and ``segment_ids``; segment 0 is padding), in order.
 
-    A document's tokens are gathered across windows (a run that starts at position > 0
-    continues the previous document, its first token being the previous window's last),
+    Consecutive windows overlap by one token, so each window's first run of tokens continues
+    the previous window's last document. A document's tokens are gathered across windows,
     decoded once without bos/eos/pad, and its unscored first token's text removed, so a
-    token split across windows or a multi-byte character split across tokens counts once."""
+    multi-byte character or a space split across windows or tokens counts once."""
     specials = {t for t in (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) if t is not None}
     docs: list[list[int]] = []
     for batch in batches:
-        tokens, seg, pos = (np.asarray(batch[k]) for k in ("tokens", "segment_ids", "positions"))
+        tokens, seg = np.asarray(batch["tokens"]), np.asarray(batch["segment_ids"])
         for r in range(len(tokens)):
-            for run in np.split(np.arange(seg.shape[1]), np.flatnonzero(np.diff(seg[r])) + 1):
+            runs = np.split(np.arange(seg.shape[1]), np.flatnonzero(np.diff(seg[r])) + 1)
+            for k, run in enumerate(runs):
                 if seg[r, run[0]] == 0:
                     continue
                 ids = tokens[r, run].tolist()
-                if pos[r, run[0]] == 0 or not docs:
-                    docs.append(ids)
-                else:
+                if k == 0 and docs:
                     docs[-1].extend(ids[1:])
+                else:
+                    docs.append(ids)
 
     def text(ids: list[int]) -> str:
         return tokenizer.decode([i for i in ids if i not in specials])

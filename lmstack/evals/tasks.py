@@ -18,6 +18,12 @@ from typing import Any
 from lmstack.data.sources import DataError
 
 
+def minimum_problems(section: str, settings: Any, minimums: dict[str, int]) -> list[str]:
+    """Load-time errors for the integer keys of ``eval.<section>`` below their minimum."""
+    return [f"eval.{section}.{key}={settings[key]} must be at least {low}: set --config.eval.{section}.{key}"
+            for key, low in minimums.items() if settings[key] < low]
+
+
 def read_jsonl(path: str | Path, key: str) -> list[tuple[int, dict]]:
     """``(line number, object)`` for each non-blank line of ``path``; ``key`` is the config
     key that named the file, for the error when it is missing."""

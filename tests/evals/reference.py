@@ -5,6 +5,8 @@ forward compiles once (the model is causal: what follows a prefix cannot change 
 
 from __future__ import annotations
 
+import random
+
 import jax
 import numpy as np
 from flax import nnx
@@ -41,3 +43,16 @@ class Reference:
         for _ in range(n):
             ids.append(int(self.log_softmax(ids)[-1].argmax()))
         return ids[len(ids) - n:]
+
+
+def lm_eval_contexts(docs, doc_to_text, doc_to_target, *, pool, n, seed, same_split, description=""):
+    """lm-eval's ContextSampler, transcribed: one Random(seed) across the documents; n + 1
+    candidates from the document's own split (n from another), the document dropped, n kept."""
+    rnd = random.Random(seed)
+    out = []
+    for doc in docs:
+        shots = rnd.sample(pool, n + 1 if same_split else n) if n else []
+        shots = [x for x in shots if x != doc][:n]
+        labeled = "".join(doc_to_text(x) + " " + doc_to_target(x) + "\n\n" for x in shots)
+        out.append(description + labeled + doc_to_text(doc))
+    return out
