@@ -53,7 +53,7 @@ def generate_until(model: nnx.Module, tokenizer: Tokenizer, prompts: Sequence[st
     for i, ids in enumerate(encoded):
         by_length.setdefault(len(ids), []).append(i)
     out: list[str] = [""] * len(prompts)
-    for length, members in sorted(by_length.items()):
+    for _, members in sorted(by_length.items()):
         for start in range(0, len(members), batch_size):
             chunk = members[start:start + batch_size]
             rows = [encoded[i] for i in chunk]
