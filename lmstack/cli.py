@@ -164,7 +164,7 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
                 f"workdir {args.workdir!r} was trained with experiment {cfg.name!r}, not {args.experiment!r}: "
                 f"pass {cfg.name!r} or another --workdir"
             )
-        config_lib.apply_overrides(cfg, overrides)
+        cfg = config_lib.configure(cfg, overrides, str(Path(args.workdir) / "config.json"), cfg.name)
         if args.watch:
             records = watch(cfg, args.workdir, poll_seconds=poll_s, timeout_seconds=timeout_s)
         elif step == "all":

@@ -410,12 +410,19 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> mlc.ConfigDict:
     if not isinstance(raw, mlc.ConfigDict):
         raise ConfigError(f"{source}: get_config returned {type(raw).__name__}, not a ConfigDict: "
                           f"build it from base_config()")
+    raw.name, raw.arg = name, arg
+    return configure(raw, overrides, source, spec)
+
+
+def configure(raw: mlc.ConfigDict, overrides: Sequence[str], source: str, label: str) -> mlc.ConfigDict:
+    """``raw`` (an experiment's config, or a run's saved one) with the overrides that choose
+    plug-ins applied, its sections composed, locked, the other overrides applied and every
+    name and value validated; ``source`` and ``label`` name it in errors."""
     split = _split_overrides(overrides)
     choosing = [text for key, _, text in split if key in _CHOOSING_KEYS]
     with raw.unlocked():
         applied = apply_overrides(raw, choosing)
     cfg = compose(raw, source)
-    cfg.name, cfg.arg = name, arg
     cfg.lock()
     applied.update(apply_overrides(cfg, [text for key, _, text in split if key not in _CHOOSING_KEYS]))
     problems = _problems(cfg)
@@ -433,7 +440,7 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> mlc.ConfigDict:
                 return ""
             return f" ({origin(keys[0]) if len(keys) == 1 else ', '.join(f'{k} is {origin(k)}' for k in keys)})"
 
-        raise ConfigError(f"invalid config {spec!r}: " + "; ".join(f"{msg}{where(keys)}" for keys, msg in problems))
+        raise ConfigError(f"invalid config {label!r}: " + "; ".join(f"{msg}{where(keys)}" for keys, msg in problems))
     return cfg
 
 
