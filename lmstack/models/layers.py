@@ -12,6 +12,7 @@ import dataclasses
 import math
 from typing import Any, Callable
 
+import flax
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -21,7 +22,7 @@ from lmstack.sharding import constrain
 
 # Parameters are sharded explicitly by the trainer (init under jit with out_shardings), so
 # variables must not try to shard themselves eagerly when created.
-nnx.use_eager_sharding(False)
+flax.config.update("flax_always_shard_variable", False)  # process-wide (nnx.use_eager_sharding is per thread)
 
 Array = jax.Array
 
