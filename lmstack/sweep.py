@@ -122,7 +122,7 @@ def grid(axes: Mapping[str, Any] | None = None, /, **kw: Any) -> list[dict[str, 
     return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
 
 
-def random(n: int, seed: int, axes: Mapping[str, Any] | None = None, /, **kw: Any) -> list[dict[str, Any]]:
+def random(n: int, seed: int, axes: Mapping[str, Any] | None = None, **kw: Any) -> list[dict[str, Any]]:
     """``n`` members drawn with ``numpy.random.default_rng(seed)``: member by member, axis by axis
     in the order given, so the same seed gives the same list. An axis is a Distribution
     (:func:`log_uniform`, :func:`uniform`, :func:`choice`) or a constant."""
@@ -296,7 +296,8 @@ def run_local(sweep: Sweep, parallel: int = 1, dry_run: bool = False,
     write_overrides(sweep)
     env = _child_env()
 
-    def launch(item: tuple[int, Member]) -> tuple[int, Member, int, float]:
+    def launch(item: tuple[int, Member]) -> str | None:
+        """Run one member; its name if it failed."""
         i, m = item
         log = Path(m.workdir) / "train.log"
         say(f"[{i}/{n}] {m.name}: running (output in {log})")
@@ -304,19 +305,15 @@ def run_local(sweep: Sweep, parallel: int = 1, dry_run: bool = False,
         with open(log, "a") as f:
             rc = subprocess.run([sys.executable, "-m", "lmstack.cli", *sweep.train_args(m)],
                                 stdout=f, stderr=subprocess.STDOUT, env=env).returncode
-        return i, m, rc, time.perf_counter() - start
+        if rc == 0:
+            say(f"[{i}/{n}] {m.name}: done in {time.perf_counter() - start:.1f}s")
+            return None
+        tail = log.read_text().strip().splitlines()[-1:] or [""]
+        say(f"[{i}/{n}] {m.name}: FAILED (exit {rc}): {tail[0]}")
+        return m.name
 
-    failed = []
     with concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
-        for done in concurrent.futures.as_completed([pool.submit(launch, item) for item in todo]):
-            i, m, rc, seconds = done.result()
-            if rc == 0:
-                say(f"[{i}/{n}] {m.name}: done in {seconds:.1f}s")
-            else:
-                tail = (Path(m.workdir) / "train.log").read_text().strip().splitlines()[-1:] or [""]
-                say(f"[{i}/{n}] {m.name}: FAILED (exit {rc}): {tail[0]}")
-                failed.append(m.name)
-    return failed
+        return [name for name in pool.map(launch, todo) if name is not None]
 
 
 def slurm_script(sweep: Sweep) -> str:
