@@ -220,8 +220,9 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
         failed = launch(sweep, args.launcher, parallel=args.parallel, dry_run=args.dry_run,
                         tpu_name=args.tpu_name, zone=args.zone)
         if failed:
-            print(f"lmstack: error: {len(failed)} of {len(sweep.members)} sweep members failed: "
-                  f"{', '.join(failed)} (see their train.log; re-run the sweep to resume them)", file=sys.stderr)
+            print(f"lmstack: error: {len(failed)} of {len(sweep.members)} sweep members did not finish: "
+                  f"{', '.join(failed)} (each one's output is in its train.log; re-run the sweep to resume them)",
+                  file=sys.stderr)
             return 1
         return 0
     raise AssertionError(args.command)

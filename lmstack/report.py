@@ -186,7 +186,7 @@ def plot_metrics(runs: Sequence[RunHistory]) -> list[str]:
 def comparison(runs: Sequence[RunHistory]) -> list[dict[str, Any]]:
     """One record per run: ``run``, ``config`` (the differing keys), ``step``, ``tokens`` and
     ``metrics`` (metric -> :func:`summarise`) for :func:`table_metrics`."""
-    diffs = config_differences(runs)
+    diffs, metrics = config_differences(runs), table_metrics(runs)
     out = []
     for r in runs:
         step, tps = r.last_step, r.tokens_per_step
@@ -195,7 +195,7 @@ def comparison(runs: Sequence[RunHistory]) -> list[dict[str, Any]]:
             "config": {k: r.config.get(k) for k in diffs},
             "step": step,
             "tokens": step * tps if step is not None and tps is not None else None,
-            "metrics": {m: summarise(r.series[m], best_rule(m)) for m in table_metrics(runs) if r.series.get(m)},
+            "metrics": {m: summarise(r.series[m], best_rule(m)) for m in metrics if r.series.get(m)},
         })
     return out
 

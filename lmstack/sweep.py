@@ -142,6 +142,11 @@ def override_value(value: Any) -> str:
     return value if isinstance(value, str) else repr(value)
 
 
+def override_args(overrides: Mapping[str, Any]) -> list[str]:
+    """``--config.KEY=VALUE`` flags for ``overrides`` (see :func:`override_value`)."""
+    return [f"--config.{k}={override_value(v)}" for k, v in overrides.items()]
+
+
 @dataclass(frozen=True)
 class Member:
     """One run of a sweep: its name, overrides (dotted key -> value), directory and length."""
@@ -153,7 +158,7 @@ class Member:
 
     @property
     def args(self) -> list[str]:
-        return [f"--config.{k}={override_value(v)}" for k, v in self.overrides.items()]
+        return override_args(self.overrides)
 
     def finished(self) -> bool:
         """Whether the run's checkpoint at ``train.steps`` exists (orbax names step dirs by number)."""
@@ -245,14 +250,14 @@ def load_sweep(spec: str, common: Sequence[str] = (), workdir: str | None = None
         if clash:
             raise ConfigError(f"sweep member {label!r} sets {clash}, which {common_keys[clash]} also sets: "
                               f"drop the flag or the axis")
-        member = Member(label, ov, f"{workdir}/{label}", 0)
+        member_dir = f"{workdir}/{label}"
         try:
-            cfg = config_lib.load_config(spec, [*common, *member.args])
-            config_lib.check_resume(cfg, member.workdir)
+            cfg = config_lib.load_config(spec, [*common, *override_args(ov)])
+            config_lib.check_resume(cfg, member_dir)
         except (ConfigError, UnknownNameError) as e:
             raise ConfigError(f"sweep member {label!r} (#{i} of {source}'s sweep()): "
                               f"{str(e).splitlines()[0]}") from None
-        members.append(Member(label, ov, member.workdir, int(cfg.train.steps)))
+        members.append(Member(label, ov, member_dir, int(cfg.train.steps)))
     return Sweep(spec, common, workdir, members)
 
 
@@ -279,7 +284,7 @@ def run_local(sweep: Sweep, parallel: int = 1, dry_run: bool = False,
               say: Callable[[str], None] = print) -> list[str]:
     """Run the unfinished members as ``python -m lmstack.cli train`` subprocesses, ``parallel``
     at a time, each one's output appended to its ``train.log``; returns the names of members
-    that failed (non-zero exit). ``dry_run`` prints the commands and runs nothing."""
+    that failed or stopped early (interrupted). ``dry_run`` prints the commands and runs nothing."""
     if parallel < 1:
         raise ConfigError(f"--parallel={parallel}: must be at least 1")
     n = len(sweep.members)
@@ -297,7 +302,7 @@ def run_local(sweep: Sweep, parallel: int = 1, dry_run: bool = False,
     env = _child_env()
 
     def launch(item: tuple[int, Member]) -> str | None:
-        """Run one member; its name if it failed."""
+        """Run one member; its name if it failed or stopped before its last step."""
         i, m = item
         log = Path(m.workdir) / "train.log"
         say(f"[{i}/{n}] {m.name}: running (output in {log})")
@@ -305,15 +310,25 @@ def run_local(sweep: Sweep, parallel: int = 1, dry_run: bool = False,
         with open(log, "a") as f:
             rc = subprocess.run([sys.executable, "-m", "lmstack.cli", *sweep.train_args(m)],
                                 stdout=f, stderr=subprocess.STDOUT, env=env).returncode
-        if rc == 0:
+        if rc == 0 and m.finished():
             say(f"[{i}/{n}] {m.name}: done in {time.perf_counter() - start:.1f}s")
             return None
+        if rc == 0:  # a signalled run saves a checkpoint and exits cleanly
+            say(f"[{i}/{n}] {m.name}: stopped before step {m.steps} (interrupted); re-run the sweep to resume it")
+            return m.name
         tail = log.read_text().strip().splitlines()[-1:] or [""]
         say(f"[{i}/{n}] {m.name}: FAILED (exit {rc}): {tail[0]}")
         return m.name
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=parallel)
+    try:
         return [name for name in pool.map(launch, todo) if name is not None]
+    except KeyboardInterrupt:  # the running members got the same SIGINT: they save a checkpoint and exit
+        pool.shutdown(wait=True, cancel_futures=True)  # and no further member starts
+        say("interrupted: re-run the sweep to resume")
+        return [m.name for _, m in todo if not m.finished()]
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def slurm_script(sweep: Sweep) -> str:
@@ -365,7 +380,8 @@ def tpu_vm_commands(sweep: Sweep, tpu_name: str | None, zone: str | None) -> str
 def launch(sweep: Sweep, launcher: str, *, parallel: int = 1, dry_run: bool = False,
            tpu_name: str | None = None, zone: str | None = None, say: Callable[[str], None] = print) -> list[str]:
     """Run or write ``sweep`` with ``launcher`` (local, slurm, tpu-vm); ``dry_run`` prints what
-    would run or be written and writes nothing. Returns the names of members that failed (local)."""
+    would run or be written and writes nothing. Returns the names of members that did not
+    finish (local)."""
     if launcher == "local":
         return run_local(sweep, parallel, dry_run, say)
     if launcher == "slurm":

@@ -192,6 +192,20 @@ def test_the_shakespeare_char_sweep_loads(monkeypatch, tmp_path):
 # ----------------------------------------------------------------------------- a real local sweep
 
 
+def test_a_member_that_fails_is_reported(experiments, tmp_path, capsys):
+    # valid at load, the missing corpus fails in the member's own process, in seconds
+    (experiments / "missing.py").write_text(TINY.replace('grid(**{"train.seed": [0, 1]})',
+                                                         'grid(**{"data.path": ["missing.txt"]})')
+                                            .replace('c.data.source = "stdlib"', 'c.data.source = "text"'))
+    assert main(["sweep", "missing"]) == 1
+    out, err = capsys.readouterr()
+    assert out.splitlines()[1] == (
+        "[1/1] path=missing.txt: FAILED (exit 2): lmstack: error: data.path: no such file or directory "
+        "'missing.txt': pass --config.data.path=FILE (a txt file, a directory of .txt files, or a glob)")
+    assert err == ("lmstack: error: 1 of 1 sweep members did not finish: path=missing.txt (each one's output is "
+                   "in its train.log; re-run the sweep to resume them)\n")
+
+
 @pytest.mark.slow  # two real trainings as subprocesses: ~50 CPU-seconds, mostly the first member's compiles
 def test_a_local_sweep_runs_resumes_and_reports(experiments, tmp_path, monkeypatch, capsys):
     # the members share one persistent compilation cache, so the second reuses the first's programs
