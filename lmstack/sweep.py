@@ -362,8 +362,9 @@ def slurm_script(sweep: Sweep) -> str:
 
 def tpu_vm_commands(sweep: Sweep, tpu_name: str | None, zone: str | None) -> str:
     """A shell script of ``gcloud compute tpus tpu-vm ssh TPU --zone ZONE --worker=all
-    --command "lmstack train ..."`` lines, one per member, run one after another on the whole
-    slice. The command runs in each worker's home directory: lmstack must be installed there,
+    --command "lmstack train ... --coordinator auto"`` lines, one per member, run one after
+    another on the whole slice, every worker a process of one job (jax reads the slice from the
+    TPU metadata). The command runs in each worker's home directory: lmstack must be installed there,
     and the workdir one every worker sees (a shared mount such as NFS or gcsfuse: pass it
     as ``--workdir``). Raises ConfigError without ``tpu_name`` or ``zone``."""
     if not tpu_name or not zone:
@@ -371,7 +372,7 @@ def tpu_vm_commands(sweep: Sweep, tpu_name: str | None, zone: str | None) -> str
     lines = ["#!/bin/bash", f"# lmstack sweep {sweep.spec}: {len(sweep.members)} members on TPU VM {tpu_name}, "
              "one after another, each on all workers.", "set -euo pipefail"]
     for m in sweep.members:
-        command = shlex.join(["lmstack", *sweep.train_args(m)])
+        command = shlex.join(["lmstack", *sweep.train_args(m), "--coordinator", "auto"])
         lines.append(shlex.join(["gcloud", "compute", "tpus", "tpu-vm", "ssh", tpu_name, "--zone", zone,
                                  "--worker=all", "--command", command]))
     return "\n".join(lines) + "\n"

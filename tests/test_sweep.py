@@ -166,8 +166,8 @@ def test_dry_runs_show_every_member(experiments, tmp_path, capsys):
     assert [line[:10] for line in lines] == [["gcloud", "compute", "tpus", "tpu-vm", "ssh", "v5e-16", "--zone",
                                               "us-west4-a", "--worker=all", "--command"]] * 2
     assert [shlex.split(line[10]) for line in lines] == [
-        ["lmstack", "train", "tiny", "--workdir", f"runs/tiny/seed={i}", common, f"--config.train.seed={i}"]
-        for i in range(2)]
+        ["lmstack", "train", "tiny", "--workdir", f"runs/tiny/seed={i}", common, f"--config.train.seed={i}",
+         "--coordinator", "auto"] for i in range(2)]
     assert not (tmp_path / "runs").exists() and not (tmp_path / "sw").exists()  # a dry run writes nothing
 
 
