@@ -10,10 +10,18 @@ Config:  nanoGPT's config/train_shakespeare_char.py as shrunk for CPU in its REA
 Expect:  validation loss 1.90-1.91 at iteration 2000 over the whole validation split
          (four seeds; nanoGPT's PyTorch CPU run reports 1.886 on 20 sampled batches), in
          about 1.5 minutes on 2 cores (~37 ms/iter). Benchmark: python tools/bench_shakespeare.py.
+Sweep:   sweep() is nanoGPT's learning rate and half and twice it, each with dropout 0 and 0.1
+         (6 runs): lmstack sweep shakespeare_char --config.data.path=... [--parallel 2], then
+         lmstack report runs/shakespeare_char for the table and plots.
 """
 
 from lmstack.config import parse_arg
 from lmstack.configs.base import base_config
+from lmstack.sweep import grid
+
+
+def sweep():
+    return grid(**{"optimizer.lr": [5e-4, 1e-3, 2e-3], "model.dropout": [0.0, 0.1]})
 
 
 def get_config(arg: str | None = None):

@@ -1,4 +1,4 @@
-"""The ``lmstack`` command: list, train, eval, sample, chat, import, export, tokenizer.
+"""The ``lmstack`` command: list, train, eval, sample, chat, import, export, tokenizer, report, sweep.
 
 Bad input (a config, data, mesh or checkpoint problem) ends with one line on stderr,
 ``lmstack: error: ...``, and exit status 2; anything else is a bug and keeps its traceback.
@@ -89,6 +89,22 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="a directory (hf) or a .gguf file")
     x.add_argument("--qtype", default="F32", choices=["F32", "F16", "Q8_0"], help="gguf tensor type of the matrices")
     x.add_argument("--step", type=int, default=None)
+
+    r = sub.add_parser("report", help="compare runs: lmstack report W [W ...] (or a sweep directory)")
+    r.add_argument("workdirs", nargs="+", help="run workdirs, or a sweep directory holding member workdirs")
+    r.add_argument("--format", default="table", choices=["table", "markdown", "csv", "json"])
+    r.add_argument("--out", default=None, help="where the PNG plots go (default: W/report, or the common "
+                                               "parent's report/ for several workdirs)")
+
+    sw = sub.add_parser("sweep", help="run an experiment's sweep(): lmstack sweep NAME[:arg] --launcher local")
+    sw.add_argument("experiment", help="NAME or NAME:arg; experiments/NAME.py must define sweep()")
+    sw.add_argument("--launcher", default="local", choices=["local", "slurm", "tpu-vm"])
+    sw.add_argument("--parallel", type=int, default=1, help="local: members running at once")
+    sw.add_argument("--workdir", default=None, help="the sweep directory (default runs/NAME); member M runs in "
+                                                    "WORKDIR/M")
+    sw.add_argument("--tpu-name", default=None, help="tpu-vm: the TPU VM slice")
+    sw.add_argument("--zone", default=None, help="tpu-vm: its zone")
+    sw.add_argument("--dry-run", action="store_true", help="print what would run or be written; do nothing")
 
     tok = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = tok.add_subparsers(dest="tokenizer_command", required=True)
@@ -207,6 +223,26 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
 
         print(f"wrote {export_workdir(args.workdir, args.format, args.out, qtype=args.qtype, step=args.step)}")
         return 0
+    if args.command == "report":
+        from lmstack.report import report
+
+        text, pngs = report(args.workdirs, fmt=args.format, out=args.out)
+        print(text)
+        for png in pngs:  # stderr, so stdout stays the table (csv and json parse as they are)
+            print(f"wrote {png}", file=sys.stderr)
+        return 0
+    if args.command == "sweep":
+        from lmstack.sweep import launch, load_sweep
+
+        sweep = load_sweep(args.experiment, overrides, args.workdir)  # every member validated first
+        failed = launch(sweep, args.launcher, parallel=args.parallel, dry_run=args.dry_run,
+                        tpu_name=args.tpu_name, zone=args.zone)
+        if failed:
+            print(f"lmstack: error: {len(failed)} of {len(sweep.members)} sweep members did not finish: "
+                  f"{', '.join(failed)} (each one's output is in its train.log; re-run the sweep to resume them)",
+                  file=sys.stderr)
+            return 1
+        return 0
     raise AssertionError(args.command)
 
 
@@ -217,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     absl_logging.set_verbosity(absl_logging.ERROR)
     rest, overrides = _split_overrides(argv)
     args = _parser().parse_args(rest)
-    if overrides and args.command not in ("train", "eval"):
+    if overrides and args.command not in ("train", "eval", "sweep"):
         print(f"lmstack: error: {args.command} takes no --config overrides (got {overrides[0]})", file=sys.stderr)
         return 2
     try:

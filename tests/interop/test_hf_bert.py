@@ -328,5 +328,5 @@ def test_loader_skips_the_heads_the_model_leaves_out(tmp_path):
     load, _ = load_tiny(tmp_path, tiny_tensors(TINY), pooler=False, mlm_head=False)
     params = load()
     assert not {"pooler_dense", "mlm_dense", "lm_bias"} & set(params)
-    np.testing.assert_array_equal(params["blocks"]["mlp"]["down"][...][1],
+    np.testing.assert_array_equal(params["blocks"]["mlp"]["down"]["weight"][...][1],
                                   tiny_tensors(TINY)["bert.encoder.layer.1.output.dense.weight"].T)

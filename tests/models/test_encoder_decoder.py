@@ -138,7 +138,7 @@ def test_sharded_forward_matches_one_device_and_params_follow_the_rules():
     want = nnx.jit(run)(one_device, inputs, targets, in_seg, dec_seg)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
     params = state["params"]
-    cross_k = params["decoder_blocks"]["cross_attn"]["k"][...]  # (layers, embed, kv_heads, head_dim)
+    cross_k = params["decoder_blocks"]["cross_attn"]["k"]["weight"][...]  # (layers, embed, kv_heads, head_dim)
     assert cross_k.sharding.spec == P(None, "fsdp", "tensor", None)
     assert cross_k.addressable_shards[0].data.shape == (2, 16, 2, 8)
     assert params["decoder_relpos"]["table"][...].sharding.spec == P(None, "tensor")

@@ -105,7 +105,7 @@ def test_sharded_forward_matches_one_device_and_params_follow_the_rules():
     for g, w in zip(got, want):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
     params = state["params"]
-    up = params["encoder_b"]["blocks"]["mlp"]["up"][...]  # (layers, embed, mlp)
+    up = params["encoder_b"]["blocks"]["mlp"]["up"]["weight"][...]  # (layers, embed, mlp)
     assert up.sharding.spec == P(None, "fsdp", "tensor")
     assert up.addressable_shards[0].data.shape == (2, 16, 32)
     proj = params["projection_a"]["weight"][...]  # (embed, projection)
