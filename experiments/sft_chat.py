@@ -6,12 +6,13 @@ Config:  a byte-level 4-layer d=128 decoder trained from scratch on the 999 Alpa
          conversations (10% held out), each rendered with ChatML; loss on the assistant
          replies and their <|im_end|> only (objective.loss_on=assistant); best-fit packing
          into rows of 513 bytes; AdamW lr 2e-3, 300 steps of 16 rows.
-         To fine-tune a pretrained model instead, start from it and use its own template:
-         --config.init.from=PATH.gguf --config.objective.chat_template= (with its architecture).
-Expect:  held-out loss on reply bytes from ln(259) = 5.56 at initialisation to about 2.2
-         (perplexity ~9 per byte) after 300 steps; measured 2.25 at step 300 in ~6 minutes
-         on 2 busy CPU cores. The printout lists the conversations, tokens, tokens carrying
-         loss and how many examples were cut to 513 bytes.
+Expect:  the printout's data lines (measured): train 899 conversations, 364,704 tokens, 243,061
+         carrying loss, 491 cut to 513 bytes (393,896 bytes dropped: most replies are longer
+         than 512 bytes); val 100 conversations. Training loss at step 1 is 5.53 (ln 259 =
+         5.56). Measured with --config.train.steps=40 --config.optimizer.warmup_steps=5
+         --config.eval.batches=4: held-out loss on reply bytes 2.80 (perplexity 16.4 per
+         byte) at step 40, in ~15 minutes on 2 heavily shared CPU cores (~9 s a step at the
+         end). The 300-step default has not been run to the end.
 """
 
 from lmstack.config import parse_arg
@@ -42,6 +43,7 @@ def get_config(arg: str | None = None):
     c.checkpoint.every = 300
     c.eval.every = 100
     c.eval.batches = 0  # every held-out conversation
+    c.sample.prompt = "<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n"
     c.sample.max_new_tokens = 32
     if args["smoke"]:
         c.model.d_model, c.model.n_layers, c.model.n_heads, c.model.scan_unroll = 32, 2, 2, 2
