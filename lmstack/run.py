@@ -26,7 +26,8 @@ from jax.sharding import Mesh
 from lmstack import registry
 from lmstack.checkpoint import Checkpointer, has_checkpoint
 from lmstack.config import ConfigError, check_resume, compose, load_saved_config, save_config
-from lmstack.data.pipeline import TokenStream, split_stream, tokenize_documents
+from lmstack.data.formats import load_records, split_records
+from lmstack.data.pipeline import TokenStream, examples_stream, split_stream, tokenize_documents
 from lmstack.data.sources import load_documents
 from lmstack.data.tokenizers import Tokenizer, build_tokenizer
 from lmstack.distributed import is_primary, process_rows
@@ -45,6 +46,12 @@ class RunData:
     train: TokenStream
     val: TokenStream
     train_rows: slice | None = None  # this process's rows of each training batch (None: all)
+    # Objectives that read records (those with an ``encode_records`` classmethod, e.g.
+    # objective.sft) get each split's encoded examples; train and val then hold the examples'
+    # tokens back to back, so the data digest, token counts and samples see what the model reads.
+    train_examples: list[dict] | None = None
+    val_examples: list[dict] | None = None
+    notes: tuple[str, ...] = ()  # lines for the run's printout (e.g. truncation counts)
 
 
 def check_batch(batch_size: int, mesh: Mesh, key: str, microbatches: int = 1) -> None:
@@ -75,9 +82,23 @@ def build_mesh(cfg: mlc.ConfigDict) -> Mesh:
 
 
 def tokenize(documents: list[str], tokenizer: Tokenizer, cfg: mlc.ConfigDict) -> RunData:
+    objective = registry.lookup("objective", cfg.objective.name, "objective.name")
+    if hasattr(objective, "encode_records"):
+        return encode_records(objective, tokenizer, cfg)
     train, val = split_stream(tokenize_documents(documents, tokenizer), cfg.data.val_fraction,
                               seq_len=cfg.data.seq_len)
     return RunData(tokenizer, train, val)
+
+
+def encode_records(objective: Any, tokenizer: Tokenizer, cfg: mlc.ConfigDict) -> RunData:
+    """The records of the data format ``data.source``, split by ``data.val_fraction`` (a seeded
+    choice of records) and encoded by the objective's ``encode_records(cfg, tokenizer,
+    records, split) -> (examples, printout lines)``."""
+    train, val = split_records(load_records(cfg.data), cfg.data.val_fraction, cfg.data.seed)
+    train_examples, train_notes = objective.encode_records(cfg, tokenizer, train, "train")
+    val_examples, val_notes = objective.encode_records(cfg, tokenizer, val, "val")
+    return RunData(tokenizer, examples_stream(train_examples, "train"), examples_stream(val_examples, "val"),
+                   train_examples, val_examples, (*train_notes, *val_notes))
 
 
 class Run:

@@ -78,7 +78,8 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *, accept_changed_data: bool
         _say(f"resumed from {ckpt.directory} at step {int(state['step'])}")
     else:
         state = run.init_state()
-    _say(run.describe(param_count(abstract), trainable_count(abstract), len(data.train)))
+    _say("\n".join([run.describe(param_count(abstract), trainable_count(abstract), len(data.train)),
+                    *(f"  {n}" for n in data.notes)]))
 
     step_fn = run.train_step()
     eval_fn = run.eval_step()

@@ -40,7 +40,10 @@ def test_builds(name):
 def _data_path(cfg, tmp: Path) -> str:
     """A small generated corpus for sources that read files (the real data is not needed to smoke-run)."""
     text = corpus_text(20_000)
-    if cfg.data.source == "jsonl":
+    if cfg.data.source == "alpaca":  # conversations: each line asked for, and answered reversed
+        path = tmp / "instruct.json"
+        path.write_text(json.dumps([{"instruction": line, "output": line[::-1]} for line in text.splitlines()]))
+    elif cfg.data.source == "jsonl":
         path = tmp / "corpus.jsonl"
         path.write_text("".join(json.dumps({cfg.data.field: line}) + "\n" for line in text.splitlines()))
     else:
@@ -52,7 +55,7 @@ def _data_path(cfg, tmp: Path) -> str:
 @pytest.mark.parametrize("name", NAMES)
 def test_smoke_run(name, tmp_path):
     cfg = load_config(f"{name}:smoke=True", ["--config.train.progress=false"])
-    if cfg.data.source in ("text", "jsonl") and not cfg.data.path:
+    if cfg.data.source in ("text", "jsonl", "alpaca") and not cfg.data.path:
         cfg.data.path = _data_path(cfg, tmp_path)
     workdir = tmp_path / "run"
     summary = train(cfg, workdir)

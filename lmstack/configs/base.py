@@ -21,9 +21,12 @@ def base_config() -> mlc.ConfigDict:
     c.model = mlc.ConfigDict(dict(name="decoder"))  # registry: model.<name>
     c.data = mlc.ConfigDict(
         dict(
-            source="stdlib",  # stdlib | text | jsonl
-            path="",  # file, directory or glob for text/jsonl sources
-            field="text",  # JSONL field holding the text
+            source="stdlib",  # stdlib | text | jsonl, or a data format: alpaca | sharegpt | prompt_completion | classification
+            path="",  # file, directory or glob for text/jsonl sources and data formats
+            field="text",  # JSONL field holding the text (classification: the text column)
+            label_field="label",  # classification: the label column
+            prompt_field="prompt",  # prompt_completion: the prompt and completion fields
+            completion_field="completion",
             query_field="query",  # pairs_jsonl: the query, the document and (optional) group fields
             doc_field="document",
             group_field="",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import difflib
+import functools
 import json
 from typing import Any
 
@@ -131,6 +132,7 @@ def resolve_template(spec: str, tokenizer: Any, *, key: str = "data.chat_templat
                     f"pass one of {builtins}, a Jinja template, or empty for the tokenizer's own")
 
 
+@functools.lru_cache(maxsize=16)  # SFT renders every conversation several times with one template
 def _compile(template: str) -> jinja2.Template:
     try:
         return _ENV.from_string(template)

@@ -64,6 +64,16 @@ class TokenStream:
         }
 
 
+def examples_stream(examples: Sequence[Mapping[str, np.ndarray]], name: str = "") -> TokenStream:
+    """The ``tokens`` of each example back to back, one document per example (what a run
+    hashes, counts and samples from when its objective reads examples, not windows)."""
+    pieces = [np.asarray(e["tokens"], np.int32) for e in examples]
+    lengths = np.array([len(p) for p in pieces], np.int64)
+    starts = np.cumsum(lengths) - lengths
+    tokens = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
+    return TokenStream(tokens, starts[lengths > 0], name)
+
+
 def tokenize_documents(
     documents: Sequence[str], tokenizer: Tokenizer, *, cache: bool = True
 ) -> TokenStream:
@@ -172,19 +182,30 @@ def eval_batches(
     ]
 
 
-def packed_examples_iterator(
+PACKINGS = ("first_fit", "best_fit", "none")
+
+
+def packed_examples_dataset(
     examples: Sequence[Mapping[str, Sequence[int]]],
     *,
     feature_lengths: Mapping[str, int],
     batch_size: int,
     seed: int,
     num_epochs: int | None = None,
-) -> grain.DatasetIterator:
-    """Shuffled examples, each feature truncated to its length, first-fit packed and batched.
+    packing: str = "first_fit",
+    num_packing_bins: int = 0,
+    drop_remainder: bool = True,
+) -> grain.IterDataset:
+    """Shuffled examples, each feature truncated to its length, packed into rows and batched.
 
     For each feature ``f`` a batch holds ``f``, ``f + "_segment_ids"`` and ``f + "_positions"``,
-    each int32 ``(batch_size, feature_lengths[f])``; 0 in segment ids is padding. Every epoch
-    (``num_epochs`` None: endless) is reshuffled.
+    each int32 ``(batch_size, feature_lengths[f])``; 0 in segment ids is padding, positions
+    restart at 0 for each example. Every epoch (``num_epochs`` None: endless) is reshuffled.
+    ``packing`` is grain's ``first_fit`` (each example into the first of ``num_packing_bins``
+    open rows with room, 0 meaning ``batch_size``; all rows go out when one does not fit),
+    ``best_fit`` (into the open row it fills most tightly) or ``none`` (one example per row).
+    More open rows pack denser. ``drop_remainder`` False keeps a smaller last batch (with
+    ``num_epochs``, for evaluation).
     """
     _check_positive(
         **{"train.batch_size": batch_size},
@@ -192,20 +213,41 @@ def packed_examples_iterator(
     )
     if not examples:
         raise DataError("packed examples: no examples: give the objective a non-empty dataset")
+    if num_packing_bins < 0:
+        raise DataError(f"num_packing_bins: {num_packing_bins} is negative: pass 0 (batch_size) or a count")
+    if packing not in PACKINGS:
+        raise DataError(f"packing: {packing!r} is not one of {', '.join(PACKINGS)}")
     lengths = dict(feature_lengths)
 
     def truncate(example: Mapping[str, Sequence[int]]) -> dict[str, np.ndarray]:
-        # First-fit packing drops nothing itself: an example longer than a bin would stall it.
+        # The packers drop nothing themselves: an example longer than a row would stall them.
         return {f: np.asarray(example[f][:n], np.int32) for f, n in lengths.items()}
 
     ds = grain.MapDataset.source(examples).shuffle(seed).repeat(num_epochs).map(truncate)
-    packed = grain.experimental.FirstFitPackIterDataset(
+    packer = (grain.experimental.BestFitPackIterDataset if packing == "best_fit"
+              else grain.experimental.FirstFitPackIterDataset)
+    packed = packer(
         ds.to_iter_dataset(_READ_OPTIONS),
         length_struct=lengths,
-        num_packing_bins=batch_size,
+        num_packing_bins=num_packing_bins or batch_size,
         seed=seed,
+        max_sequences_per_bin=1 if packing == "none" else None,
     )
-    return iter(packed.batch(batch_size, drop_remainder=True))
+    return packed.batch(batch_size, drop_remainder=drop_remainder)
+
+
+def packed_examples_iterator(
+    examples: Sequence[Mapping[str, Sequence[int]]],
+    *,
+    feature_lengths: Mapping[str, int],
+    batch_size: int,
+    seed: int,
+    num_epochs: int | None = None,
+    packing: str = "first_fit",
+) -> grain.DatasetIterator:
+    """A checkpointable iterator over :func:`packed_examples_dataset`'s batches."""
+    return iter(packed_examples_dataset(examples, feature_lengths=feature_lengths, batch_size=batch_size, seed=seed,
+                                        num_epochs=num_epochs, packing=packing))
 
 
 Transform = Callable[[Batch, np.random.Generator], Mapping[str, np.ndarray]]
@@ -303,11 +345,7 @@ def _mix64(x: np.ndarray) -> np.ndarray:
 def _encode(documents: Sequence[str], tokenizer: Tokenizer) -> TokenStream:
     head = with_bos(tokenizer, [])
     tail = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
-    pieces = [np.asarray(head + tokenizer.encode(doc) + tail, np.int32) for doc in documents]
-    lengths = np.array([len(p) for p in pieces], np.int64)
-    starts = np.cumsum(lengths) - lengths
-    tokens = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
-    return TokenStream(tokens, starts[lengths > 0])
+    return examples_stream([{"tokens": head + tokenizer.encode(doc) + tail} for doc in documents])
 
 
 def _stream_key(documents: Sequence[str], tokenizer: Tokenizer) -> str:

@@ -88,7 +88,7 @@ def stdlib_documents(data_cfg: mlc.ConfigDict) -> list[str]:
 @register("data.text")
 def text_documents(data_cfg: mlc.ConfigDict) -> list[str]:
     """Each text file one document: ``data.path`` is a file, a directory of .txt files or a glob."""
-    documents = [_read_utf8(path) for path in resolve_paths(data_cfg.path, suffix=".txt")]
+    documents = [read_utf8(path) for path in resolve_paths(data_cfg.path, suffix=".txt")]
     if not any(documents):
         raise DataError(
             f"data.path: {data_cfg.path!r} is empty: point --config.data.path at text with content"
@@ -102,7 +102,7 @@ def jsonl_documents(data_cfg: mlc.ConfigDict) -> list[str]:
     field = data_cfg.field
     documents = []
     for path in resolve_paths(data_cfg.path, suffix=".jsonl"):
-        for lineno, line in enumerate(_read_utf8(path).splitlines(), start=1):
+        for lineno, line in enumerate(read_utf8(path).splitlines(), start=1):
             if line.strip():
                 documents.append(_jsonl_field(line, field, f"{path}:{lineno}"))
     if not documents:
@@ -159,7 +159,8 @@ def resolve_paths(path: str, *, suffix: str) -> list[pathlib.Path]:
     return [p]
 
 
-def _read_utf8(path: pathlib.Path) -> str:
+def read_utf8(path: pathlib.Path) -> str:
+    """The text of ``path``; DataError naming the line of the first byte that is not UTF-8."""
     data = path.read_bytes()
     try:
         return data.decode("utf-8")

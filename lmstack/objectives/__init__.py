@@ -5,6 +5,7 @@ from lmstack.objectives import (  # noqa: F401
     denoising,
     mlm,
     prefix_lm,
+    sft,
     span_corruption,
     ul2,
 )

@@ -1,0 +1,262 @@
+"""Data formats: files of structured records (conversations, labelled texts), chosen by ``data.source``.
+
+Each format is registered twice: as ``format.NAME`` (``data_cfg -> list[record]``, what the
+SFT and classification objectives read) and as the document source ``data.NAME`` (the
+records' texts, for training a tokenizer or for a pre-training objective on the same files).
+
+Records:
+
+- :class:`Conversation`: ``messages``, a list of ``{"role", "content"}`` with roles
+  ``system``, ``user`` and ``assistant`` (what chat templates read).
+- :class:`Labelled`: ``text`` and ``label`` (a string; JSON numbers and booleans as JSON text).
+
+Each record keeps ``where`` (``FILE record N`` or ``FILE:LINE``) for later errors. Formats:
+
+- ``alpaca``: JSON list (or JSONL) of ``{instruction, input?, output, system?, history?}``; the
+  user turn is ``instruction`` and ``input`` joined by a newline, ``history`` is a list of
+  ``[instruction, response]`` pairs before it (LLaMA-Factory's ``alpaca`` converter).
+- ``sharegpt``: JSON list or JSONL of ``{"conversations": [{"from", "value"}, ...], "system"?}``
+  with ``from`` in human/gpt/system (LLaMA-Factory's ``sharegpt``), or OpenAI-style
+  ``{"messages": [{"role", "content"}, ...]}`` with roles user/assistant/system.
+- ``prompt_completion``: JSONL of ``{data.prompt_field, data.completion_field}``: one user
+  turn and one assistant turn.
+- ``classification``: TSV, CSV (by suffix, header row) or JSONL with a text column
+  (``data.field``) and a label column (``data.label_field``).
+
+Bad input raises :class:`lmstack.data.sources.DataError` in one line naming the file and
+the record or line.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import pathlib
+from typing import Any, Callable, Iterator
+
+import ml_collections as mlc
+import numpy as np
+
+from lmstack.data.sources import DataError, read_utf8, resolve_paths
+from lmstack.registry import lookup, names, register
+
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Conversation:
+    """A conversation: ``messages`` is a list of ``{"role", "content"}`` dicts (roles in :data:`ROLES`)."""
+
+    messages: list[dict[str, str]]
+    where: str = ""
+
+    def text(self) -> str:
+        return "\n\n".join(m["content"] for m in self.messages)
+
+
+@dataclasses.dataclass(frozen=True)
+class Labelled:
+    """A text with its class label, for classification."""
+
+    text: str
+    label: str
+    where: str = ""
+
+
+Record = Conversation | Labelled
+Format = Callable[[mlc.ConfigDict], list[Record]]
+
+
+def is_format(source: str) -> bool:
+    """Whether ``data.source`` names a data format (records) rather than a plain document source."""
+    return source in names("format")
+
+
+def load_records(data_cfg: mlc.ConfigDict) -> list[Record]:
+    """The records of the format ``data.source`` names, from ``data.path``, in file order.
+    Raises DataError when ``data.source`` is not a format or the files hold no records."""
+    if not is_format(data_cfg.source):
+        raise DataError(f"data.source: {data_cfg.source!r} gives documents, not records: pass one of the data "
+                        f"formats {', '.join(names('format'))} with --config.data.path=FILE")
+    records = lookup("format", data_cfg.source)(data_cfg)
+    if not records:
+        raise DataError(f"data.path: {data_cfg.path!r} holds no {data_cfg.source} records: point it at a "
+                        f"non-empty file")
+    return records
+
+
+def split_records(records: list[Record], val_fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+    """(train, val): a seeded choice of ``round(len * val_fraction)`` records (at least one when
+    ``val_fraction > 0``) is validation; both keep file order. DataError if no training record is left."""
+    n_val = max(int(round(len(records) * val_fraction)), 1 if val_fraction > 0 else 0)
+    if n_val >= len(records):
+        raise DataError(f"data.val_fraction: {val_fraction} of {len(records)} records leaves none for training: "
+                        f"lower --config.data.val_fraction or use more data")
+    held = set(np.random.default_rng(seed).permutation(len(records))[:n_val].tolist())
+    return ([r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held])
+
+
+def record_type(source: str) -> type:
+    """The record class the format ``source`` yields (:class:`Conversation` or :class:`Labelled`)."""
+    return lookup("format", source, "data.source").record
+
+
+def _format(name: str, suffix: str, record: type = Conversation) -> Callable[[Callable], Format]:
+    """Register a reader of one file as ``format.NAME`` (records of every file ``data.path``
+    names, of class ``record``) and ``data.NAME`` (their texts as documents)."""
+
+    def wrap(read_file: Callable[[pathlib.Path, mlc.ConfigDict], list[Record]]) -> Format:
+        def records(data_cfg: mlc.ConfigDict) -> list[Record]:
+            return [r for path in resolve_paths(data_cfg.path, suffix=suffix) for r in read_file(path, data_cfg)]
+
+        def documents(data_cfg: mlc.ConfigDict) -> list[str]:
+            return [r.text() if isinstance(r, Conversation) else r.text for r in records(data_cfg)]
+
+        records.__doc__ = read_file.__doc__
+        documents.__doc__ = f"The texts of the {name} records (a conversation's messages joined by blank lines)."
+        register(f"data.{name}")(documents)
+        return register(f"format.{name}", record=record)(records)
+
+    return wrap
+
+
+def _json_records(path: pathlib.Path) -> Iterator[tuple[str, Any]]:
+    """(where, object) of each record of a JSON list, or of each line of a ``.jsonl`` file."""
+    text = read_utf8(path)
+    if not text.strip():
+        raise DataError(f"data.path: {path} is empty: point --config.data.path at a file with records")
+    if path.suffix == ".jsonl":
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    yield f"{path}:{lineno}", json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"data.path: {path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}): "
+                                    f"fix or delete that line") from None
+        return
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"data.path: {path} line {e.lineno}: not valid JSON ({e.msg} at column {e.colno}): "
+                        f"fix the file (JSONL files need the .jsonl suffix)") from None
+    if not isinstance(rows, list):
+        raise DataError(f"data.path: {path}: expected a JSON list of records, got {type(rows).__name__}: "
+                        f"write [{{...}}, {{...}}] or one record per line in a .jsonl file")
+    for i, row in enumerate(rows, start=1):
+        yield f"{path} record {i}", row
+
+
+def _field(row: Any, key: str, where: str, fmt: str, required: bool = True,
+           kind: type | tuple[type, ...] = str) -> Any:
+    """``row[key]`` checked to be a ``kind``; absent: None if not ``required``."""
+    if not isinstance(row, dict):
+        raise DataError(f"{fmt}: {where}: expected a JSON object, got {type(row).__name__}: write one object "
+                        f"per record")
+    if key not in row or row[key] is None:
+        if not required:
+            return None
+        raise DataError(f"{fmt}: {where}: no field {key!r} (fields: {', '.join(row) or 'none'}): "
+                        f"add it or choose the matching data.source")
+    if not isinstance(row[key], kind):
+        wanted = " or ".join(k.__name__ for k in kind) if isinstance(kind, tuple) else kind.__name__
+        raise DataError(f"{fmt}: {where}: field {key!r} is {type(row[key]).__name__}, not {wanted}: "
+                        f"fix the record")
+    return row[key]
+
+
+@_format("alpaca", ".json")
+def alpaca_file(path: pathlib.Path, data_cfg: mlc.ConfigDict) -> list[Record]:
+    """Alpaca records ``{instruction, input?, output, system?, history?}`` as conversations."""
+    out = []
+    for where, row in _json_records(path):
+        instruction = _field(row, "instruction", where, "alpaca")
+        output = _field(row, "output", where, "alpaca")
+        extra = _field(row, "input", where, "alpaca", required=False) or ""
+        system = _field(row, "system", where, "alpaca", required=False)
+        history = _field(row, "history", where, "alpaca", required=False, kind=list) or []
+        messages = [{"role": "system", "content": system}] if system else []
+        for turn, pair in enumerate(history, start=1):
+            if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(s, str) for s in pair)):
+                raise DataError(f"alpaca: {where}: history turn {turn} is not an [instruction, response] pair of "
+                                f"strings: fix the record")
+            messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+        user = "\n".join(s for s in (instruction, extra) if s)
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+        out.append(Conversation(messages, where))
+    return out
+
+
+@_format("sharegpt", ".json")
+def sharegpt_file(path: pathlib.Path, data_cfg: mlc.ConfigDict) -> list[Record]:
+    """ShareGPT ``conversations`` (``from``/``value``) or ``messages`` (``role``/``content``) records."""
+    out = []
+    for where, row in _json_records(path):
+        key = "messages" if isinstance(row, dict) and "messages" in row else "conversations"
+        turns = _field(row, key, where, "sharegpt", kind=list)
+        names_, role_key, text_key = ((SHAREGPT_ROLES, "from", "value") if key == "conversations"
+                                      else ({r: r for r in ROLES}, "role", "content"))
+        system = _field(row, "system", where, "sharegpt", required=False)
+        messages = [{"role": "system", "content": system}] if system else []
+        for i, turn in enumerate(turns, start=1):
+            at = f"{where} message {i}"
+            who = _field(turn, role_key, at, "sharegpt")
+            if who not in names_:
+                raise DataError(f"sharegpt: {at}: unknown role {who!r} in {key!r}: use "
+                                f"{'/'.join(names_)}")
+            messages.append({"role": names_[who], "content": _field(turn, text_key, at, "sharegpt")})
+        if not messages:
+            raise DataError(f"sharegpt: {where}: {key!r} is empty: drop the record or add its messages")
+        out.append(Conversation(messages, where))
+    return out
+
+
+@_format("prompt_completion", ".jsonl")
+def prompt_completion_file(path: pathlib.Path, data_cfg: mlc.ConfigDict) -> list[Record]:
+    """JSONL ``{prompt, completion}`` (``data.prompt_field``, ``data.completion_field``) as a user and an assistant turn."""
+    out = []
+    for where, row in _json_records(path):
+        prompt = _field(row, data_cfg.prompt_field, where, "prompt_completion")
+        completion = _field(row, data_cfg.completion_field, where, "prompt_completion")
+        out.append(Conversation([{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}],
+                                where))
+    return out
+
+
+@_format("classification", ".tsv", Labelled)
+def classification_file(path: pathlib.Path, data_cfg: mlc.ConfigDict) -> list[Record]:
+    """Labelled texts from a TSV/CSV file with a header row, or JSONL (``data.field``, ``data.label_field``)."""
+    text_key, label_key = data_cfg.field, data_cfg.label_field
+    if path.suffix in (".jsonl", ".json"):
+        out = []
+        for where, row in _json_records(path):
+            text = _field(row, text_key, where, "classification")
+            label = _field(row, label_key, where, "classification", kind=(str, int, float, bool))
+            out.append(Labelled(text, label if isinstance(label, str) else json.dumps(label), where))
+        return out
+    content = read_utf8(path)
+    if not content.strip():
+        raise DataError(f"data.path: {path} is empty: point --config.data.path at a file with records")
+    if path.suffix == ".csv":
+        reader = csv.reader(io.StringIO(content, newline=""))
+    else:  # TSV as GLUE writes it: tabs, no quoting
+        reader = csv.reader(io.StringIO(content, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
+    header = next(reader)
+    columns = {}
+    for key, name in (("data.field", text_key), ("data.label_field", label_key)):
+        if name not in header:
+            raise DataError(f"classification: {path}:1: the header has no column {name!r} (columns: "
+                            f"{', '.join(header)}): set --config.{key}=COLUMN")
+        columns[name] = header.index(name)
+    out = []
+    for row in reader:
+        if not any(cell.strip() for cell in row):
+            continue
+        lineno = reader.line_num
+        if len(row) != len(header):
+            raise DataError(f"classification: {path}:{lineno}: {len(row)} columns, the header has {len(header)}: "
+                            f"fix that line")
+        out.append(Labelled(row[columns[text_key]], row[columns[label_key]].strip(), f"{path}:{lineno}"))
+    return out
