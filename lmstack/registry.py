@@ -19,7 +19,9 @@ class UnknownNameError(ValueError):
     """A config names a plug-in that is not registered."""
 
 _ENTRIES: dict[str, Any] = {}
-_BUILTIN_PACKAGES = ("lmstack.models", "lmstack.objectives", "lmstack.evals", "lmstack.data", "lmstack.peft")
+# packages whose __init__ imports their plug-ins, and plug-in modules imported one by one
+_BUILTIN_PACKAGES = ("lmstack.models", "lmstack.objectives", "lmstack.evals", "lmstack.data", "lmstack.peft.base",
+                     "lmstack.peft.lora", "lmstack.peft.qlora")
 
 
 def register(name: str, **attributes: Any) -> Callable[[T], T]:

@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import ml_collections as mlc
+import optax
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -110,6 +111,8 @@ class Run:
         self.make_model, self.model_cfg = build_model_factory(spec.model_section(), vocab_size=spec.vocab_size,
                                                               max_seq_len=cfg.data.seq_len, seed=cfg.train.seed,
                                                               peft_section=cfg.peft)
+        self.make_base_model = build_model_factory(spec.model_section(), vocab_size=spec.vocab_size,
+                                                   max_seq_len=cfg.data.seq_len, seed=cfg.train.seed)[0]
         self.peft = peft_method(cfg.peft)
         self.trainable = trainable_filter(cfg.train, self.peft)
         self.tx, self.schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
@@ -181,17 +184,19 @@ class Run:
         if source.kind == "scratch":
             return state
         parent = open_parent(source)
-        # the parent's weights: every parameter but the adapters this run adds, wherever the
-        # trainable set puts it (params or frozen)
-        full = nnx.merge_state(self.abstract["params"], self.abstract["frozen"])
-        adapters = self.peft.adapter_types
-        target = full.filter(nnx.All(nnx.Param, nnx.Not(adapters)) if adapters else nnx.Param)
+        # the parent's weights: the model without this run's adapters, in float, each tensor
+        # placed where the trainable set puts it (params or frozen); a quantising method
+        # (QLoRA) turns the float base into its storage
+        target = abstract_state(self.make_base_model, optax.identity(), self.mesh)[1]["params"]
         with jax.set_mesh(self.mesh):
             loaded = resize_vocab(parent.load_params(with_shapes(target, parent.spec.vocab_size, self.spec.vocab_size)),
                                   target)
-            whole = nnx.merge_state(nnx.merge_state(state["params"], state["frozen"]), loaded)
-            state["params"] = whole.filter(self.trainable)
-            state["frozen"] = whole.filter(nnx.Not(self.trainable))
+            whole = nnx.merge_state(state["params"], state["frozen"])
+            if hasattr(self.peft, "place_base"):
+                loaded = self.peft.place_base(loaded, whole)
+            whole = nnx.merge_state(whole, loaded)
+            state["params"] = jax.device_put(whole.filter(self.trainable), self.shardings["params"])
+            state["frozen"] = jax.device_put(whole.filter(nnx.Not(self.trainable)), self.shardings["frozen"])
             state["opt_state"] = jax.jit(self.tx.init, out_shardings=self.shardings["opt_state"])(state["params"])
         return state
 

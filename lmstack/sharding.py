@@ -92,9 +92,16 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
 
 
 def state_shardings(abstract_state: nnx.State, mesh: Mesh) -> Any:
-    """NamedShardings for an (abstract) nnx state, from each variable's logical names."""
+    """NamedShardings for an (abstract) nnx state, from each variable's logical names. A
+    variable whose value is a pytree of arrays (an NF4-stored weight) has no names for its
+    parts: each part is replicated."""
+    plain = [(p, v) for p, v in nnx.to_flat_state(abstract_state) if len(jax.tree.leaves(v)) <= 1]
+    composite = [(p, v) for p, v in nnx.to_flat_state(abstract_state) if len(jax.tree.leaves(v)) > 1]
     with nnx.logical_axis_rules(RULES):
-        return nnx.get_named_sharding(abstract_state, mesh)
+        shardings = list(nnx.to_flat_state(nnx.get_named_sharding(nnx.from_flat_state(plain), mesh))) if plain else []
+    for path, var in composite:
+        shardings.append((path, var.replace(jax.tree.map(lambda _: NamedSharding(mesh, P()), var.get_value()))))
+    return nnx.from_flat_state(shardings)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

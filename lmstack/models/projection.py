@@ -5,7 +5,8 @@
 methods plug in: a LoRA pair (``lora_a`` ``(*in, r)``, ``lora_b`` ``(r, *out)``, both
 ``nnx.LoRAParam``, added by :func:`lmstack.peft.lora.apply_lora`). Families call
 ``proj(x)``; none reads a weight matrix itself, so a method attached here reaches every
-family at once. Inside a stacked (scanned) block every variable carries a leading
+family at once. QLoRA replaces ``weight`` by a :class:`QuantizedWeight` (NF4 storage,
+dequantised on the fly). Inside a stacked (scanned) block every variable carries a leading
 ``layers`` axis outside the scan and none inside it.
 """
 
@@ -18,7 +19,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lmstack.peft.nf4 import NF4Tensor, dequantize_nf4
+
 Array = jax.Array
+
+
+class QuantizedWeight(nnx.Variable):
+    """A frozen base weight stored as an :class:`~lmstack.peft.nf4.NF4Tensor` (QLoRA): not an
+    ``nnx.Param``, so never trainable; dequantised to the compute dtype where it is used."""
 
 
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str, ...], std: float) -> nnx.Param:
@@ -73,18 +81,30 @@ class Projection(nnx.Module):
         self.lora_merged = False  # True while the update sits inside ``weight`` (lmstack.peft.lora.merge_lora)
 
     @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """The (stacked) float weight's shape, also when it is stored quantised."""
+        w = self.weight.get_value()
+        return w.stacked_shape if isinstance(w, NF4Tensor) else tuple(w.shape)
+
+    @property
     def in_shape(self) -> tuple[int, ...]:
-        w = self.weight.shape
+        w = self.weight_shape
         return w[len(w) - self.n_in - self.n_out: len(w) - self.n_out]
 
     @property
     def out_shape(self) -> tuple[int, ...]:
-        return self.weight.shape[len(self.weight.shape) - self.n_out:]
+        w = self.weight_shape
+        return w[len(w) - self.n_out:]
+
+    def dense_weight(self, dtype: jnp.dtype) -> Array:
+        """The weight in ``dtype`` (dequantised if stored as NF4)."""
+        w = self.weight.get_value()
+        return dequantize_nf4(w, dtype) if isinstance(w, NF4Tensor) else w.astype(dtype)
 
     def __call__(self, x: Array, *, rng: Array | None = None, out_dtype: jnp.dtype | None = None) -> Array:
         dt = self.dtype
         x = x.astype(dt)
-        y = dense(x, self.weight[...].astype(dt), out_dtype, self.n_in)
+        y = dense(x, self.dense_weight(dt), out_dtype, self.n_in)
         if self.lora_a is not None and not self.lora_merged:
             y = y + self.lora_delta(x, rng).astype(y.dtype)
         if self.bias is not None:

@@ -1,3 +1,5 @@
-"""Parameter-efficient fine-tuning: adapters and quantised base-weight storage."""
+"""Parameter-efficient fine-tuning: adapters and quantised base-weight storage.
 
-from lmstack.peft import base, lora  # noqa: F401  (registers peft.none, peft.lora)
+The methods register themselves as ``peft.NAME`` when imported; ``lmstack.registry`` imports
+them (this package imports nothing, so the model code can use ``nf4`` without a cycle).
+"""

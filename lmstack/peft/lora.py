@@ -88,7 +88,7 @@ def targets(model: nnx.Module, target_modules: str) -> list[tuple[str, Projectio
 
 
 def _stack_dims(proj: Projection) -> int:
-    return proj.weight.ndim - proj.n_in - proj.n_out
+    return len(proj.weight_shape) - proj.n_in - proj.n_out
 
 
 def apply_lora(model: nnx.Module, spec: LoraSpec, key: jax.Array) -> list[str]:
@@ -102,7 +102,7 @@ def apply_lora(model: nnx.Module, spec: LoraSpec, key: jax.Array) -> list[str]:
                               f"a rank above min(in, out) = {min(fan_in, fan_out)} adds nothing; lower --config.peft.r")
         lead = _stack_dims(proj)
         names = tuple(proj.weight.get_metadata().get("out_sharding") or (None,) * proj.weight.ndim)
-        stack = proj.weight.shape[:lead]
+        stack = proj.weight_shape[:lead]
         bound = 1.0 / math.sqrt(fan_in)
         a = jax.random.uniform(jax.random.fold_in(key, i), stack + proj.in_shape + (spec.r,), jnp.float32,
                                -bound, bound)
@@ -117,18 +117,22 @@ def apply_lora(model: nnx.Module, spec: LoraSpec, key: jax.Array) -> list[str]:
 def delta_weight(proj: Projection) -> jax.Array:
     """``scaling * A B`` in the weight's shape (float32): what merging adds to ``weight``."""
     lead = _stack_dims(proj)
-    stack = proj.weight.shape[:lead]
+    stack = proj.weight_shape[:lead]
     k, n, r = math.prod(proj.in_shape), math.prod(proj.out_shape), proj.lora_a.shape[-1]
     a = proj.lora_a[...].reshape(*stack, k, r)
     b = proj.lora_b[...].reshape(*stack, r, n)
-    return (proj.lora_scaling * jnp.matmul(a, b)).reshape(proj.weight.shape)
+    return (proj.lora_scaling * jnp.matmul(a, b)).reshape(proj.weight_shape)
 
 
 def merge_lora(model: nnx.Module) -> int:
     """Add every unmerged adapter into its base weight (PEFT ``merge_adapter``); the adapter
-    stays, so :func:`unmerge_lora` can take it out again. Returns how many were merged."""
+    stays, so :func:`unmerge_lora` can take it out again. Returns how many were merged.
+    Raises ConfigError for a base stored as NF4 (QLoRA): merge into a float copy instead."""
     n = 0
-    for _, proj in projections(model):
+    for path, proj in projections(model):
+        if proj.lora_a is not None and not isinstance(proj.weight, nnx.Param):
+            raise ConfigError(f"{path}: the base weight is stored quantised (QLoRA); merging would need it in "
+                              f"float: load the base without peft.name=qlora and the adapter on top, then merge")
         if proj.lora_a is not None and not proj.lora_merged:
             proj.weight[...] = proj.weight[...] + delta_weight(proj)
             proj.lora_merged = True
