@@ -85,8 +85,9 @@ def _parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="write a run as open weights: lmstack export --workdir W --format hf --out D")
     x.add_argument("--workdir", required=True)
-    x.add_argument("--format", required=True, choices=["hf", "gguf"])
-    x.add_argument("--out", required=True, help="a directory (hf) or a .gguf file")
+    x.add_argument("--format", required=True, choices=["hf", "gguf", "peft"],
+                   help="hf: safetensors + config.json; gguf; peft: LoRA adapters alone (adapter_config.json)")
+    x.add_argument("--out", required=True, help="a directory (hf, peft) or a .gguf file")
     x.add_argument("--qtype", default="F32", choices=["F32", "F16", "Q8_0"], help="gguf tensor type of the matrices")
     x.add_argument("--step", type=int, default=None)
 

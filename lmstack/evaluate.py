@@ -142,7 +142,7 @@ class CheckpointEvaluator:
                 raise FileNotFoundError(
                     f"no checkpoint for step {step} in {self.directory} (have: {', '.join(map(str, steps))}): "
                     f"pass --step with one of those, 'all', or leave it out for the latest")
-            state = self._ckpt.restore(step, self.run.abstract)
+            state = self.run.restore_checkpoint(self._ckpt, step)
         run, bsh = self.run, self.run.batch_sharding
         with jax.set_mesh(run.mesh):
             ctx = EvalContext(

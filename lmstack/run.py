@@ -208,9 +208,29 @@ class Run:
             return self.init_state()
         ckpt = Checkpointer(self.workdir)
         try:
-            return ckpt.restore(step, self.abstract, data_iterator)
+            return self.restore_checkpoint(ckpt, step, data_iterator)
         finally:
             ckpt.close()
+
+    @property
+    def adapters_only(self) -> bool:
+        """Whether checkpoints leave out the frozen state: a PEFT run whose frozen part is the
+        ``init.from`` base (and the method's fixed storage of it) rebuilds it from there, so
+        a checkpoint holds the adapters, their optimizer state, the step and the data position."""
+        return self.cfg.peft.name != "none" and parse_init_from(self.cfg.init["from"]).kind != "scratch"
+
+    def checkpoint_state(self, state: dict) -> dict:
+        """What a checkpoint of ``state`` saves (see :attr:`adapters_only`)."""
+        return {k: v for k, v in state.items() if k != "frozen"} if self.adapters_only else state
+
+    def restore_checkpoint(self, ckpt: Checkpointer, step: int | None, data_iterator: Any | None = None) -> dict:
+        """The state saved at ``step`` (default: the latest) of ``ckpt``, the frozen base
+        rebuilt from ``init.from`` when checkpoints hold the adapters only."""
+        if not self.adapters_only:
+            return ckpt.restore(step, self.abstract, data_iterator)
+        state = ckpt.restore(step, self.checkpoint_state(self.abstract), data_iterator)
+        state["frozen"] = self.init_state()["frozen"]
+        return state
 
     def model(self, state: dict) -> nnx.Module:
         """The model with ``state``'s weights."""

@@ -74,7 +74,7 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *, accept_changed_data: bool
     ckpt = Checkpointer(workdir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     train_iter = objective.train_batches(data)
     if ckpt.latest_step() is not None:
-        state = ckpt.restore(None, abstract, train_iter)
+        state = run.restore_checkpoint(ckpt, None, train_iter)
         _say(f"resumed from {ckpt.directory} at step {int(state['step'])}")
     else:
         state = run.init_state()
@@ -139,7 +139,7 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *, accept_changed_data: bool
                     run_eval(step)
                     last_t = time.perf_counter()  # evaluation time is not training throughput
                 if stop.check() or step % cfg.checkpoint.every == 0 or step == cfg.train.steps:
-                    ckpt.save(step, state, train_iter, config_json)
+                    ckpt.save(step, run.checkpoint_state(state), train_iter, config_json)
             if stop.stopping:
                 ckpt.wait()
                 _say(f"received signal {stop.signal or 'SIGTERM/SIGINT on another process'}: saved a checkpoint at step {step} in {ckpt.directory}; "

@@ -19,13 +19,15 @@ from typing import Any
 
 import jax
 import ml_collections as mlc
+from flax import nnx
 
 from lmstack.config import ConfigError, compose, save_config
 from lmstack.configs.base import base_config
 from lmstack.data.tokenizers import save_tokenizer
 from lmstack.init_from import open_parent, parse_init_from
+from lmstack.peft.lora import merge_lora
 
-FORMATS = ("hf", "gguf")
+FORMATS = ("hf", "gguf", "peft")
 
 
 def import_workdir(source: str, workdir: str | Path) -> Path:
@@ -78,15 +80,27 @@ def gguf_tokenizer_parts_of(tokenizer: Any) -> dict[str, Any] | None:
 
 def export_workdir(workdir: str | Path, fmt: str, out: str | Path, *, qtype: str = "F32",
                    step: int | None = None) -> Path:
-    """Write the run in ``workdir`` as ``fmt`` (hf | gguf) to ``out``; returns ``out``."""
+    """Write the run in ``workdir`` as ``fmt`` (hf | gguf | peft) to ``out``; returns ``out``.
+    A LoRA run's adapters are merged into the base weights for hf and gguf (PEFT's
+    ``merge_and_unload``); ``peft`` writes the adapters alone."""
     from lmstack.run import Run
     from lmstack.sharding import make_mesh
 
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r}: must be one of {', '.join(FORMATS)}")
     run = Run.open(workdir, mesh=make_mesh({"data": 1, "fsdp": 1, "tensor": 1}))
-    params = jax.device_get(run.restore(step)["params"])
+    model = run.model(run.restore(step))
     out = Path(out)
+    if fmt == "peft":
+        from lmstack.interop.peft_export import export_peft
+        from lmstack.peft.lora import LoraSpec
+
+        if run.cfg.peft.name != "lora":
+            raise ConfigError(f"--format peft writes LoRA adapters; {workdir} was trained with "
+                              f"peft.name={run.cfg.peft.name!r}: export it with --format hf or gguf")
+        return export_peft(model, run.model_cfg, LoraSpec.from_section(run.cfg.peft), out)
+    merge_lora(model)
+    params = jax.device_get(nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))))
     if fmt == "gguf":
         from lmstack.interop.gguf import export_gguf
 
