@@ -12,6 +12,7 @@ Expect:  validation loss 1.90-1.91 at iteration 2000 over the whole validation s
          about 1.5 minutes on 2 cores (~37 ms/iter). Benchmark: python tools/bench_shakespeare.py.
 """
 
+from configs import optimizers, smoke
 from lmstack.config import parse_arg
 from lmstack.configs.base import base_config
 
@@ -34,14 +35,7 @@ def get_config(arg: str | None = None):
     c.train.batch_size = 12
     c.train.steps = 2000
     c.train.log_every = 50
-    c.optimizer.lr = 1e-3
-    c.optimizer.min_lr_ratio = 0.1
-    c.optimizer.schedule = "cosine"
-    c.optimizer.warmup_steps = 100
-    c.optimizer.b1, c.optimizer.b2 = 0.9, 0.99
-    c.optimizer.weight_decay = 0.1
-    c.optimizer.decay_embeddings = True
-    c.optimizer.clip_norm = 1.0
+    optimizers.nanogpt_adamw(c, lr=1e-3, b2=0.99, warmup_steps=100)  # its train_shakespeare_char.py
     # Data parallel over the host's devices (on a CPU lmstack makes one per core): batch 12
     # splits over 1, 2, 3, 4, 6 or 12 of them; elsewhere pass e.g. --config.mesh.data=4.
     c.mesh.data = -1
@@ -52,11 +46,5 @@ def get_config(arg: str | None = None):
     c.sample.prompt = "ROMEO:"
     c.sample.max_new_tokens = 56
     if args["smoke"]:
-        c.train.batch_size = 8  # splits over the test suite's 8 devices
-        c.train.steps = 6
-        c.train.log_every = 2
-        c.optimizer.warmup_steps = 2
-        c.checkpoint.every = 3
-        c.eval.every = 3
-        c.eval.batches = 2
+        smoke.shrink(c)
     return c
