@@ -132,7 +132,10 @@ class AotReport:
     peak less the live arguments and outputs), ``code_bytes`` (the program), ``fits``: peak
     and code within ``hbm_bytes``. ``flops``: XLA's cost analysis of the
     partitioned step (one chip); ``model_flops``: the model's analytic ``flops_per_token`` x
-    tokens per step / chips (6N + attention, no rematerialisation)."""
+    tokens per step / chips (6N + attention, no rematerialisation). XLA counts a loop's body
+    once, not times its trip count: with the layers scanned (``scan_counted_once``: model
+    ``scan_unroll`` below the depth) ``flops`` holds one scan iteration's layers only;
+    ``--config.model.scan_unroll=N_LAYERS`` compiles them unrolled and counts them all."""
 
     topology: Topology
     mesh: dict[str, int]
@@ -146,6 +149,7 @@ class AotReport:
     peak_bytes: int
     flops: float
     model_flops: float
+    scan_counted_once: bool
     compile_seconds: float
 
     @property
@@ -173,6 +177,8 @@ class AotReport:
             f"    peak + code    {g(self.peak_bytes + self.code_bytes)}  -> {verdict} in {t.hbm_bytes / GIB:.0f} GiB",
             f"  FLOPs per step   {self.flops:.4g} per chip (compiled); model {self.model_flops:.4g} "
             f"(6N + attention; ratio {self.flops / self.model_flops:.2f})",
+            *(["                   (XLA counts the layer scan's body once: --config.model.scan_unroll=N_LAYERS "
+               "counts every layer)"] if self.scan_counted_once else []),
             f"  compiled in      {self.compile_seconds:.1f} s",
         ])
 
@@ -246,13 +252,16 @@ def compile_for_topology(cfg: mlc.ConfigDict, topology: str) -> AotReport:
     seq = run.cfg.data.seq_len
     tokens = run.cfg.train.batch_size * seq
     live = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-    # XLA:TPU reports its heap peak in peak_memory_in_bytes (temp_size_in_bytes stays 0);
-    # other backends the reverse.
-    peak = max(mem.peak_memory_in_bytes, live + mem.temp_size_in_bytes)
+    # XLA's heap simulation gives the peak (0 where a backend does not report it); temporaries
+    # can reuse donated state buffers, so the peak may be below live + temp (MaxText's sum).
+    peak = mem.peak_memory_in_bytes or live + mem.temp_size_in_bytes
+    temp = mem.temp_size_in_bytes or peak - live  # XLA:TPU reports 0 temporaries for tiny steps
+    m = run.model_cfg
+    depth = max(getattr(m, k, 1) for k in ("n_layers", "n_encoder_layers", "n_decoder_layers"))
     return AotReport(
         topology=topo, mesh=dict(run.mesh.shape), n_params=sum(x.size for x in jax.tree.leaves(run.abstract["params"])),
         tokens_per_step=tokens, params_bytes=_shard_bytes(run.abstract["params"]),
         opt_state_bytes=_shard_bytes(run.abstract["opt_state"]), batch_bytes=_shard_bytes(batch),
-        temp_bytes=peak - live, code_bytes=mem.generated_code_size_in_bytes, peak_bytes=peak,
-        flops=float(cost["flops"]), model_flops=run.model_cfg.flops_per_token(seq) * tokens / topo.chips,
-        compile_seconds=seconds)
+        temp_bytes=temp, code_bytes=mem.generated_code_size_in_bytes, peak_bytes=peak,
+        flops=float(cost["flops"]), model_flops=m.flops_per_token(seq) * tokens / topo.chips,
+        scan_counted_once=getattr(m, "scan_unroll", depth) < depth, compile_seconds=seconds)
