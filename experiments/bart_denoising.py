@@ -6,7 +6,7 @@ Config:  2 encoder + 2 decoder layers, d=128, LayerNorm, GELU, rotary positions;
          tokens masked in Poisson(3) spans, one mask token per span; target = the window.
 """
 
-from lmstack.configs.pretrain import stdlib_pretraining
+from configs.pretrain import stdlib_pretraining
 
 
 def get_config(arg: str | None = None):

@@ -5,7 +5,7 @@ Launch:  lmstack train bert_mlm --workdir runs/bert
 Config:  4 layers, d=128; 15% of tokens selected, 80/10/10 mask/random/keep.
 """
 
-from lmstack.configs.pretrain import stdlib_pretraining
+from configs.pretrain import stdlib_pretraining
 
 
 def get_config(arg: str | None = None):

@@ -6,7 +6,7 @@ Expect:  held-out loss 4.36 (perplexity 78) after 400 steps (measured, 2-core CP
          python tools/compare_objectives.py.
 """
 
-from lmstack.configs.pretrain import stdlib_pretraining
+from configs.pretrain import stdlib_pretraining
 
 
 def get_config(arg: str | None = None):

@@ -13,7 +13,7 @@ Expect:  held-out recall@10 0.07 after 153 steps (the causal_lm FLOPs of 400 ste
 
 import math
 
-from lmstack.configs.pretrain import shrink, stdlib_pretraining
+from configs.pretrain import stdlib_pretraining, stdlib_smoke
 
 
 def get_config(arg: str | None = None):
@@ -32,7 +32,7 @@ def get_config(arg: str | None = None):
     if c.objective.loss == "sigmoid":
         c.model.logit_scale_init = math.log(10.0)
     if args["smoke"]:
-        shrink(c)
+        stdlib_smoke(c)  # again: the batch of 32 above replaced the smoke batch
         c.data.max_chars = 0  # pairs come from whole modules
         c.data.val_fraction = 0.05
     return c

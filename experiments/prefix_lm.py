@@ -5,7 +5,7 @@ Expect:  held-out loss on the suffixes 4.52 after 400 steps (measured, 2-core CP
          objectives at the same FLOPs: python tools/compare_objectives.py.
 """
 
-from lmstack.configs.pretrain import stdlib_pretraining
+from configs.pretrain import stdlib_pretraining
 
 
 def get_config(arg: str | None = None):

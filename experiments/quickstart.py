@@ -8,6 +8,7 @@ Expect:  held-out perplexity 39 (loss 3.66) after 500 steps of 16 x 256 tokens, 
          a sample that looks like Python. ``quickstart:smoke=True`` runs in seconds.
 """
 
+from configs import smoke
 from lmstack.config import parse_arg
 from lmstack.configs.base import base_config
 
@@ -38,17 +39,6 @@ def get_config(arg: str | None = None):
     c.sample.prompt = "def fibonacci(n):\n"
     c.sample.temperature = 0.7
     if args["smoke"]:
-        c.model.d_model, c.model.n_layers, c.model.n_heads, c.model.n_kv_heads = 64, 2, 4, 2
-        c.data.max_chars = 300_000
-        c.data.tokenizer.vocab_size = 512
-        c.data.tokenizer.max_train_chars = 300_000
-        c.data.seq_len = 64
-        c.train.batch_size = 8
-        c.train.steps = 6
-        c.train.log_every = 2
-        c.optimizer.warmup_steps = 2
-        c.checkpoint.every = 3
-        c.eval.every = 3
-        c.eval.batches = 2
-        c.sample.max_new_tokens = 8
+        smoke.shrink(c, model=dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2), chars=300_000,
+                     vocab_size=512, new_tokens=8)
     return c

@@ -15,6 +15,7 @@ Sweep:   sweep() is nanoGPT's learning rate and half and twice it, each with dro
          lmstack report runs/shakespeare_char for the table and plots.
 """
 
+from configs import optimizers, smoke
 from lmstack.config import parse_arg
 from lmstack.configs.base import base_config
 from lmstack.sweep import grid
@@ -42,14 +43,7 @@ def get_config(arg: str | None = None):
     c.train.batch_size = 12
     c.train.steps = 2000
     c.train.log_every = 50
-    c.optimizer.lr = 1e-3
-    c.optimizer.min_lr_ratio = 0.1
-    c.optimizer.schedule = "cosine"
-    c.optimizer.warmup_steps = 100
-    c.optimizer.b1, c.optimizer.b2 = 0.9, 0.99
-    c.optimizer.weight_decay = 0.1
-    c.optimizer.decay_embeddings = True
-    c.optimizer.clip_norm = 1.0
+    optimizers.nanogpt_adamw(c, lr=1e-3, b2=0.99, warmup_steps=100)  # its train_shakespeare_char.py
     # Data parallel over the host's devices (on a CPU lmstack makes one per core): batch 12
     # splits over 1, 2, 3, 4, 6 or 12 of them; elsewhere pass e.g. --config.mesh.data=4.
     c.mesh.data = -1
@@ -60,11 +54,5 @@ def get_config(arg: str | None = None):
     c.sample.prompt = "ROMEO:"
     c.sample.max_new_tokens = 56
     if args["smoke"]:
-        c.train.batch_size = 8  # splits over the test suite's 8 devices
-        c.train.steps = 6
-        c.train.log_every = 2
-        c.optimizer.warmup_steps = 2
-        c.checkpoint.every = 3
-        c.eval.every = 3
-        c.eval.batches = 2
+        smoke.shrink(c)
     return c

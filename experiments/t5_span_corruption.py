@@ -8,7 +8,7 @@ Expect:  held-out target loss 4.55 after 751 steps (the causal_lm FLOPs of 400 s
          on a 2-core CPU by tools/compare_objectives.py).
 """
 
-from lmstack.configs.pretrain import stdlib_pretraining
+from configs.pretrain import stdlib_pretraining
 
 
 def get_config(arg: str | None = None):

@@ -5,7 +5,7 @@ Launch:  lmstack train ul2 --workdir runs/ul2
 Config:  as t5_span_corruption, with the R / X-dense / X-long / S denoisers mixed 0.4/0.2/0.2/0.2.
 """
 
-from lmstack.configs.pretrain import stdlib_pretraining
+from configs.pretrain import stdlib_pretraining
 
 
 def get_config(arg: str | None = None):

@@ -1,4 +1,4 @@
-"""The ``lmstack`` command: list, train, eval, sample, chat, import, export, tokenizer, report, sweep.
+"""The ``lmstack`` command: list, train, eval, sample, chat, import, export, compile, tokenizer, report, sweep.
 
 Bad input (a config, data, mesh or checkpoint problem) ends with one line on stderr,
 ``lmstack: error: ...``, and exit status 2; anything else is a bug and keeps its traceback.
@@ -106,6 +106,11 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--tpu-name", default=None, help="tpu-vm: the TPU VM slice")
     sw.add_argument("--zone", default=None, help="tpu-vm: its zone")
     sw.add_argument("--dry-run", action="store_true", help="print what would run or be written; do nothing")
+    aot = sub.add_parser("compile", help="compile the train step for a TPU slice here, print per-chip memory and "
+                                         "FLOPs: lmstack compile NAME[:arg] --topology v5p-128 [--config.a.b=v]")
+    aot.add_argument("experiment", help="NAME or NAME:arg")
+    aot.add_argument("--topology", required=True, help="a TPU type (v5e-8, v5p-128, v4-32, v6e-16) or a libtpu "
+                                                       "name (v5e:2x2, v5p:4x4x4)")
 
     tok = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = tok.add_subparsers(dest="tokenizer_command", required=True)
@@ -170,6 +175,12 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
         # an interrupted (SIGTERM) run has saved and exits cleanly too
         train(cfg, args.workdir, accept_changed_data=args.accept_changed_data)
         return 0
+    if args.command == "compile":
+        from lmstack.aot import compile_for_topology
+
+        report = compile_for_topology(config_lib.load_config(args.experiment, overrides), args.topology)
+        print(report.format())
+        return 0 if report.fits else 1
     if args.command == "eval":
         from lmstack.distributed import is_primary
         from lmstack.evaluate import check_eval_flags, check_run_dir, evaluate, evaluate_all, watch
@@ -254,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     absl_logging.set_verbosity(absl_logging.ERROR)
     rest, overrides = _split_overrides(argv)
     args = _parser().parse_args(rest)
-    if overrides and args.command not in ("train", "eval", "sweep"):
+    if overrides and args.command not in ("train", "eval", "sweep", "compile"):
         print(f"lmstack: error: {args.command} takes no --config overrides (got {overrides[0]})", file=sys.stderr)
         return 2
     try:

@@ -2,7 +2,7 @@
 
     python tools/compare_objectives.py --budget-steps 400 --sst2 ../shared/data/sst2
 
-Every experiment runs in the shared stdlib setting (lmstack/configs/pretrain.py). The
+Every experiment runs in the shared stdlib setting (configs/pretrain.py). The
 budget is what the causal-LM experiment spends in ``--budget-steps`` steps, counted by
 XLA's cost analysis of each compiled train step (so encoder-decoder, encoder and two-tower
 steps are counted by what they really compute); each experiment gets as many steps as fit.

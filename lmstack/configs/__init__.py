@@ -1,1 +1,2 @@
-"""Reusable config pieces: the base schema every experiment starts from, and model sizes."""
+"""The config schema: the base config every experiment starts from (reusable pieces live in
+the top-level ``configs`` package)."""

@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import ml_collections as mlc
 
+from configs import smoke
 from lmstack.config import parse_arg
 from lmstack.configs.base import base_config
 
 
 def stdlib_pretraining(arg: str | None, **variants) -> tuple[mlc.ConfigDict, dict]:
     """(config, parsed arg): d=128 models on the stdlib corpus, 400 steps of 16 x 128 tokens;
-    ``smoke=True`` shrinks everything to run in seconds. ``variants`` are the experiment's
-    own arg keys with their defaults."""
+    ``smoke=True`` shrinks it (:func:`stdlib_smoke`) before the experiment derives its own
+    values from the sizes. ``variants`` are the experiment's own arg keys with their defaults."""
     args = parse_arg(arg, allowed={"smoke": False, **variants})
     c = base_config()
     c.model.d_model = 128
@@ -34,22 +35,13 @@ def stdlib_pretraining(arg: str | None, **variants) -> tuple[mlc.ConfigDict, dic
     c.eval.every = 200
     c.eval.batches = 8
     if args["smoke"]:
-        shrink(c)
+        stdlib_smoke(c)
     return c, args
 
 
-def shrink(c: mlc.ConfigDict) -> None:
-    """The smoke-test version of a config: tiny data, model and step count."""
-    c.model.d_model, c.model.n_layers, c.model.n_heads, c.model.scan_unroll = 32, 2, 2, 2
-    c.data.max_chars = 200_000
-    c.data.seq_len = 64
-    c.data.tokenizer.vocab_size = 384
-    c.data.tokenizer.max_train_chars = 200_000
-    c.train.batch_size = 8
-    c.train.steps = 4
-    c.train.log_every = 2
-    c.optimizer.warmup_steps = 1
-    c.checkpoint.every = 2
-    c.eval.every = 2
-    c.eval.batches = 1
-    c.sample.max_new_tokens = 4
+def stdlib_smoke(c: mlc.ConfigDict) -> mlc.ConfigDict:
+    """:func:`configs.smoke.shrink` for this setting: d=32 two-layer models, 4 steps, a
+    384-piece tokenizer trained on 200k characters. Returns ``c``."""
+    smoke.shrink(c, steps=4, model=dict(d_model=32, n_layers=2, n_heads=2, scan_unroll=2), chars=200_000,
+                 vocab_size=384, new_tokens=4)
+    return c
