@@ -104,9 +104,11 @@ def state_shardings(abstract_state: nnx.State, mesh: Mesh) -> Any:
     return nnx.from_flat_state(shardings)
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Batches are split on their leading dimension over both data-parallel axes."""
-    return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Batches are split on their leading dimension over both data-parallel axes; the spec
+    names only that axis, so it places arrays of any rank (rank-1 labels and rewards, (b, t)
+    tokens, (b, t, ...) features)."""
+    return NamedSharding(mesh, P(("data", "fsdp")))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from lmstack.config import ConfigError
-from lmstack.interop.hf import _layout, read_safetensors
+from lmstack.interop.hf import _layout
 from lmstack.peft.lora import LoraSpec, projections
 
 PREFIX = "base_model.model."
@@ -107,8 +107,14 @@ def load_peft_adapter(model: nnx.Module, model_cfg: Any, adapter_dir: str | Path
     on the same modules with the same rank, e.g. built with :func:`peft_section`); returns the
     number of tensors read. Raises ConfigError naming the tensor when the adapter's base does
     not match (a module or shape the model lacks, or a model adapter the file lacks)."""
+    from safetensors.numpy import load_file
+
     modules = _hf_modules(model_cfg)
-    tensors = read_safetensors(Path(adapter_dir) / "adapter_model.safetensors")
+    file = Path(adapter_dir) / "adapter_model.safetensors"
+    if not file.is_file():
+        raise ConfigError(f"{adapter_dir}: no adapter_model.safetensors: pass a directory written by PEFT's "
+                          f"save_pretrained or `lmstack export --format peft`")
+    tensors = load_file(str(file))
     used = 0
     for path, proj in projections(model):
         if proj.lora_a is None:
