@@ -78,7 +78,7 @@ def test_embeddings_pool_as_configured_and_ignore_padding(kind):
     hidden = model.encoder(a, segment_ids=seg)
     np.testing.assert_allclose(model.pooled(a, seg), pool(hidden, seg, kind), rtol=1e-6, atol=1e-6)
     embed = nnx.jit(lambda m, t, s: m.embed(t, s, tower="b"))
-    want = np.asarray(pool(hidden, seg, kind)) @ np.asarray(model.projection_b[...])
+    want = np.asarray(pool(hidden, seg, kind)) @ np.asarray(model.projection_b.weight[...])
     np.testing.assert_allclose(embed(model, a, seg), want, rtol=1e-5, atol=1e-5)
     # the 7-token row embeds the same on its own, without padding
     alone = embed(model, a[1:, :7], seg[1:, :7])
