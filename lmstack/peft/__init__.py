@@ -1,3 +1,3 @@
 """Parameter-efficient fine-tuning: adapters and quantised base-weight storage."""
 
-from lmstack.peft import base, lora  # noqa: F401  (registers peft.none, peft.lora)
+from lmstack.peft import adapter, base, ia3, lora, prefix_tuning, prompt_tuning  # noqa: F401  (register peft.*)

@@ -33,6 +33,14 @@ class NoPeft:
         del model, section, key
 
 
+def family_problems(cfg: Any, method: str, families: tuple[str, ...]) -> list[str]:
+    """A ``config_problems`` entry for a method that only some model families support."""
+    if cfg.model.name in families:
+        return []
+    return [f"peft.name={method} supports model.name={' or '.join(families)}, not {cfg.model.name!r}: "
+            f"choose another model family or a method for every family (peft.name=lora or ia3)"]
+
+
 def _compile(pattern: str, key: str) -> re.Pattern | None:
     if not pattern:
         return None
