@@ -252,8 +252,8 @@ class Decoder(nnx.Module):
         rest stays causal. With a cache, the prefix must arrive in one call (the prefill);
         earlier cache entries are seen causally, as they are earlier anyway.
         """
-        x, cache = self.hidden(tokens_bt, inputs_embeds=inputs_embeds, positions=positions, segment_ids=segment_ids, prefix_mask=prefix_mask,
-                               cache=cache, rng=rng)
+        x, cache = self.hidden(tokens_bt, inputs_embeds=inputs_embeds, positions=positions, segment_ids=segment_ids,
+                               prefix_mask=prefix_mask, cache=cache, rng=rng)
         head = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
         logits = dense(x, head.astype(x.dtype), out_dtype=jnp.float32)
         logits = constrain(logits, ("batch", "activation_length", "activation_vocab"))
@@ -266,7 +266,8 @@ class Decoder(nnx.Module):
 
     def hidden(self, tokens_bt: Array | None, *, inputs_embeds: Array | None = None, positions: Array | None = None,
                segment_ids: Array | None = None, prefix_mask: Array | None = None,
-               cache: dict[str, Array] | None = None, rng: Array | None = None) -> tuple[Array, dict[str, Array] | None]:
+               cache: dict[str, Array] | None = None,
+               rng: Array | None = None) -> tuple[Array, dict[str, Array] | None]:
         """Final (normed) hidden states, and the advanced cache if one was given. Without a
         cache a soft prompt is prepended (see :func:`prepend_soft_prompt`) and its positions
         dropped from the output; with one, :meth:`init_cache` has already run it."""
