@@ -163,12 +163,17 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, rngs=rngs, qkv_bias=cfg.qkv_bias, rope_scaling=cfg.rope_scaling_params())
         self.mlp = MLP(cfg, rngs=rngs, activation=cfg.mlp_activation)
         self.dropout_rate = cfg.dropout
+        # bottleneck adapters on each sublayer's output, set by lmstack.peft.adapter
+        self.attn_adapter: nnx.Module | None = nnx.data(None)
+        self.mlp_adapter: nnx.Module | None = nnx.data(None)
 
     def __call__(self, x_btd, doc_pos_bt, mask_b1ts, kv, cache_index, rng):
         r_attn, r_mlp = jax.random.split(rng) if rng is not None else (None, None)
         h, kv = self.attn(self.attn_norm(x_btd), doc_pos_bt, mask_b1ts, kv, cache_index, rng=adapter_key(r_attn))
-        x_btd = x_btd + dropout(h, self.dropout_rate, r_attn)
-        x_btd = x_btd + dropout(self.mlp(self.mlp_norm(x_btd), adapter_key(r_mlp)), self.dropout_rate, r_mlp)
+        h = dropout(h, self.dropout_rate, r_attn)
+        x_btd = x_btd + (h if self.attn_adapter is None else self.attn_adapter(h))
+        h = dropout(self.mlp(self.mlp_norm(x_btd), adapter_key(r_mlp)), self.dropout_rate, r_mlp)
+        x_btd = x_btd + (h if self.mlp_adapter is None else self.mlp_adapter(h))
         return constrain(x_btd, ("batch", "activation_length", "activation_embed")), kv
 
 
@@ -208,25 +213,35 @@ class Decoder(nnx.Module):
             self.final_norm = LayerNorm(cfg.d_model, cfg.norm_eps, cfg.use_bias)
         if not cfg.tie_embeddings:
             self.lm_head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std)
+        # (n_virtual, d) virtual token embeddings prepended to every row, set by lmstack.peft.prompt_tuning
+        self.soft_prompt: nnx.Param | None = nnx.data(None)
 
     def init_cache(self, batch: int, max_len: int) -> dict[str, Array]:
-        """An empty KV cache for ``max_len`` tokens (prompt + generated)."""
+        """An empty KV cache for ``max_len`` tokens (prompt + generated). With a soft prompt it
+        has ``n_virtual`` rows more, already holding the virtual tokens (index past them)."""
         c = self.cfg
-        shape = (c.n_layers, batch, max_len, c.n_kv_heads, c.head_dim)
+        n_virtual = 0 if self.soft_prompt is None else self.soft_prompt.shape[0]
+        shape = (c.n_layers, batch, max_len + n_virtual, c.n_kv_heads, c.head_dim)
         dt = jnp.dtype(c.dtype)
-        return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt), "index": jnp.zeros((), jnp.int32)}
+        cache = {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt), "index": jnp.zeros((), jnp.int32)}
+        if n_virtual:
+            prompt_bnd = jnp.broadcast_to(self.soft_prompt[...], (batch,) + self.soft_prompt.shape)
+            cache = self.hidden(None, inputs_embeds=prompt_bnd, cache=cache)[1]
+        return cache
 
     def __call__(
         self,
-        tokens_bt: Array,
+        tokens_bt: Array | None,
         *,
+        inputs_embeds: Array | None = None,
         positions: Array | None = None,
         segment_ids: Array | None = None,
         prefix_mask: Array | None = None,
         cache: dict[str, Array] | None = None,
         rng: Array | None = None,
     ) -> Array | tuple[Array, dict[str, Array]]:
-        """Logits for ``tokens``; with ``cache``, also the cache advanced past them.
+        """Logits for ``tokens`` (or for ``inputs_embeds`` (b, t, d) in their place, HF's
+        ``inputs_embeds``); with ``cache``, also the cache advanced past them.
 
         ``positions`` are positions inside each document (default 0..t-1, or continuing
         from the cache); ``segment_ids`` number the documents of a packed row (equal ids
@@ -237,8 +252,8 @@ class Decoder(nnx.Module):
         rest stays causal. With a cache, the prefix must arrive in one call (the prefill);
         earlier cache entries are seen causally, as they are earlier anyway.
         """
-        x, cache = self.hidden(tokens_bt, positions=positions, segment_ids=segment_ids, prefix_mask=prefix_mask,
-                               cache=cache, rng=rng)
+        x, cache = self.hidden(tokens_bt, inputs_embeds=inputs_embeds, positions=positions, segment_ids=segment_ids,
+                               prefix_mask=prefix_mask, cache=cache, rng=rng)
         head = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
         logits = dense(x, head.astype(x.dtype), out_dtype=jnp.float32)
         logits = constrain(logits, ("batch", "activation_length", "activation_vocab"))
@@ -249,13 +264,17 @@ class Decoder(nnx.Module):
         (segment id > 0), for probes and retrieval."""
         return pool(self.hidden(tokens_bt, segment_ids=segment_ids_bt)[0], segment_ids_bt, "mean")
 
-    def hidden(self, tokens_bt: Array, *, positions: Array | None = None, segment_ids: Array | None = None,
-               prefix_mask: Array | None = None, cache: dict[str, Array] | None = None,
+    def hidden(self, tokens_bt: Array | None, *, inputs_embeds: Array | None = None, positions: Array | None = None,
+               segment_ids: Array | None = None, prefix_mask: Array | None = None,
+               cache: dict[str, Array] | None = None,
                rng: Array | None = None) -> tuple[Array, dict[str, Array] | None]:
-        """Final (normed) hidden states, and the advanced cache if one was given."""
+        """Final (normed) hidden states, and the advanced cache if one was given. Without a
+        cache a soft prompt is prepended (see :func:`prepend_soft_prompt`) and its positions
+        dropped from the output; with one, :meth:`init_cache` has already run it."""
         c = self.cfg
-        b, t = tokens_bt.shape
         dt = jnp.dtype(c.dtype)
+        x = (self.embed[...][tokens_bt] if inputs_embeds is None else inputs_embeds).astype(dt)
+        b, t = x.shape[:2]
         start = cache["index"] if cache is not None else 0
         row_q = start + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         doc_pos = row_q if positions is None else positions
@@ -275,7 +294,11 @@ class Decoder(nnx.Module):
                                   q_prefix_bt=prefix_mask, k_prefix_bs=k_prefix, sliding_window=c.sliding_window)
             kv_in = (cache["k"], cache["v"])
 
-        x = self.embed[...][tokens_bt].astype(dt)
+        n_virtual = 0
+        if self.soft_prompt is not None and cache is None:
+            n_virtual = self.soft_prompt.shape[0]
+            x, doc_pos, mask = prepend_soft_prompt(self.soft_prompt[...].astype(dt), x, doc_pos, mask,
+                                                   c.sliding_window)
         if c.style == "gpt2":
             x = x + self.pos_embed[...][doc_pos].astype(dt)
         x = dropout(x, c.dropout, None if rng is None else jax.random.fold_in(rng, c.n_layers))
@@ -292,5 +315,32 @@ class Decoder(nnx.Module):
         )
         x = self.final_norm(x)
         if cache is None:
-            return x, None
+            return x[:, n_virtual:], None
         return x, {"k": kv_out[0], "v": kv_out[1], "index": start + t}
+
+
+def prepend_soft_prompt(prompt_nd: Array, x_btd: Array, doc_pos_bt: Array, mask_b1ts: Array,
+                        sliding_window: int = 0) -> tuple[Array, Array, Array]:
+    """Prepend ``n`` virtual tokens (Lester et al. 2021; PEFT prompt tuning) to every row:
+    embeddings (b, n + t, d), positions (b, n + t) and mask (b, 1, n + t, n + t).
+
+    The virtual tokens take positions 0..n-1, attend causally to each other and to nothing
+    else; every token of the row sees all of them and its own position moves up by ``n``.
+    In a packed row each document therefore runs exactly as ``[prompt; document]`` would
+    alone (PEFT prepends per example). ``sliding_window`` limits a token at document
+    position ``p`` to virtual tokens ``j`` with ``n + p - j < sliding_window``, as it would
+    in that unpacked sequence.
+    """
+    n, (b, t) = prompt_nd.shape[0], doc_pos_bt.shape
+    virt = jnp.arange(n, dtype=jnp.int32)
+    shifted_bt = doc_pos_bt + n
+    to_virtual_btn = jnp.ones((b, t, n), bool)
+    among_virtual_nn = virt[:, None] >= virt[None, :]
+    if sliding_window > 0:
+        to_virtual_btn = shifted_bt[:, :, None] - virt < sliding_window
+        among_virtual_nn = among_virtual_nn & (virt[:, None] - virt[None, :] < sliding_window)
+    top = jnp.concatenate([jnp.broadcast_to(among_virtual_nn, (b, 1, n, n)), jnp.zeros((b, 1, n, t), bool)], -1)
+    bottom = jnp.concatenate([to_virtual_btn[:, None], mask_b1ts], -1)
+    x = jnp.concatenate([jnp.broadcast_to(prompt_nd, (b, n, prompt_nd.shape[1])), x_btd], axis=1)
+    positions = jnp.concatenate([jnp.broadcast_to(virt, (b, n)), shifted_bt], axis=1)
+    return x, positions, jnp.concatenate([top, bottom], axis=2)

@@ -282,6 +282,9 @@ class Attention(nnx.Module):
         self.rope_theta = cfg.rope_theta
         self.rope_scaling = rope_scaling
         self.dtype = jnp.dtype(cfg.dtype)
+        # (n_virtual, k, h) keys and values every query also sees, set by lmstack.peft.prefix_tuning
+        self.prefix_k: nnx.Param | None = nnx.data(None)
+        self.prefix_v: nnx.Param | None = nnx.data(None)
 
     def __call__(self, x_btd: Array, doc_pos_bt: Array, mask_b1ts: Array, kv: tuple[Array, Array] | None,
                  cache_index: Array | None, *, context_bsd: Array | None = None,
@@ -307,9 +310,26 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, axis=1)
             kv = (k, v)
+        if self.prefix_k is not None and context_bsd is None:
+            k, v, mask_b1ts, bias_bnts = self.prepend_prefix(k, v, mask_b1ts, bias_bnts)
         out = dot_product_attention(q, k.astype(dt), v.astype(dt), mask_b1ts, bias_bnts)
         y = self.o(out, rng=ro)
         return y, kv
+
+    def prepend_prefix(self, k_bskh: Array, v_bskh: Array, mask_b1ts: Array,
+                       bias_bnts: Array | None) -> tuple[Array, Array, Array, Array | None]:
+        """Prefix tuning (Li & Liang 2021; PEFT prefix tuning): the learned ``prefix_k`` /
+        ``prefix_v`` (n, k, h) go before the keys and values of every row, visible to every
+        query, with a zero bias. They are used as given, like the (already rotated) cache
+        entries HF receives as ``past_key_values``; the queries keep their own positions."""
+        b = k_bskh.shape[0]
+        n = self.prefix_k.shape[0]
+        pk = jnp.broadcast_to(self.prefix_k[...].astype(k_bskh.dtype), (b,) + self.prefix_k.shape)
+        pv = jnp.broadcast_to(self.prefix_v[...].astype(v_bskh.dtype), (b,) + self.prefix_v.shape)
+        mask = jnp.concatenate([jnp.ones(mask_b1ts.shape[:3] + (n,), bool), mask_b1ts], axis=-1)
+        if bias_bnts is not None:
+            bias_bnts = jnp.pad(bias_bnts, ((0, 0), (0, 0), (0, 0), (n, 0)))
+        return jnp.concatenate([pk, k_bskh], axis=1), jnp.concatenate([pv, v_bskh], axis=1), mask, bias_bnts
 
 
 def _gelu_exact(x: Array) -> Array:

@@ -3,7 +3,8 @@
 ``Projection`` holds ``weight`` (``(*in, *out)`` float32, logical axis names), an optional
 ``bias`` (``(*out,)``) and the compute dtype, and is the one place where parameter-efficient
 methods plug in: a LoRA pair (``lora_a`` ``(*in, r)``, ``lora_b`` ``(r, *out)``, both
-``nnx.LoRAParam``, added by :func:`lmstack.peft.lora.apply_lora`). Families call
+``nnx.LoRAParam``, added by :func:`lmstack.peft.lora.apply_lora`) and (IA)^3 scaling vectors
+(``ia3_in``, ``ia3_out``, added by :func:`lmstack.peft.ia3.apply_ia3`). Families call
 ``proj(x)``; none reads a weight matrix itself, so a method attached here reaches every
 family at once. QLoRA replaces ``weight`` by a :class:`QuantizedWeight` (NF4 storage,
 dequantised on the fly). Inside a stacked (scanned) block every variable carries a leading
@@ -56,9 +57,15 @@ def adapter_key(rng: Array | None) -> Array | None:
     return None if rng is None else jax.random.fold_in(rng, 1)
 
 
+class IA3Param(nnx.Param):
+    """An (IA)^3 scaling vector (:mod:`lmstack.peft.ia3`): ``ia3_out`` ``(*out,)`` scales a
+    projection's output, ``ia3_in`` ``(*in,)`` its input (PEFT ``feedforward_modules``)."""
+
+
 class Projection(nnx.Module):
     """``y[..., *out] = x[..., *in] @ weight (+ bias)`` in the compute dtype, plus the LoRA
-    update ``scaling * dropout(x) @ lora_a @ lora_b`` when one is attached.
+    update ``scaling * dropout(x) @ lora_a @ lora_b`` when one is attached; (IA)^3 multiplies
+    ``x`` by ``ia3_in`` and ``y`` by ``ia3_out`` when set.
 
     ``names`` are the logical axis names of ``weight`` (in axes, then out axes);
     ``bias_names`` those of the bias (default: the out axes' names). ``std`` is the
@@ -79,6 +86,8 @@ class Projection(nnx.Module):
         self.lora_scaling = 0.0
         self.lora_dropout = 0.0
         self.lora_merged = False  # True while the update sits inside ``weight`` (lmstack.peft.lora.merge_lora)
+        self.ia3_in: IA3Param | None = nnx.data(None)  # (IA)^3 scales, set by lmstack.peft.ia3.apply_ia3
+        self.ia3_out: IA3Param | None = nnx.data(None)
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
@@ -104,11 +113,15 @@ class Projection(nnx.Module):
     def __call__(self, x: Array, *, rng: Array | None = None, out_dtype: jnp.dtype | None = None) -> Array:
         dt = self.dtype
         x = x.astype(dt)
+        if self.ia3_in is not None:
+            x = x * self.ia3_in[...].astype(dt)
         y = dense(x, self.dense_weight(dt), out_dtype, self.n_in)
         if self.lora_a is not None and not self.lora_merged:
             y = y + self.lora_delta(x, rng).astype(y.dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
+        if self.ia3_out is not None:  # after the bias, as PEFT's IA3 Linear scales base_layer(x)
+            y = y * self.ia3_out[...].astype(y.dtype)
         return y
 
     def lora_delta(self, x: Array, rng: Array | None) -> Array:

@@ -4,8 +4,11 @@ A method is a class registered as ``peft.NAME`` with ``config_defaults`` (its ke
 ``config.peft``), optional ``config_problems(cfg)``, ``adapter_types`` (the variable types it
 adds; with ``train.trainable`` empty they are the trainable set) and
 ``apply(model, section, key)``, which adds its variables to a freshly built model (inside
-the jitted initialisation, so they are created sharded). Adapters live in the
-:class:`lmstack.models.projection.Projection` slots, so one method reaches every family.
+the jitted initialisation, so they are created sharded). LoRA and (IA)^3 live in the
+:class:`lmstack.models.projection.Projection` slots, so they reach every family; prompt
+tuning, prefix tuning and bottleneck adapters fill slots of the decoder (``soft_prompt``,
+``Attention.prefix_k``/``prefix_v``, ``Block.attn_adapter``/``mlp_adapter``) and say so
+through :func:`family_problems`.
 """
 
 from __future__ import annotations
@@ -31,6 +34,14 @@ class NoPeft:
     @staticmethod
     def apply(model: nnx.Module, section: Any, key: jax.Array) -> None:
         del model, section, key
+
+
+def family_problems(cfg: Any, method: str, families: tuple[str, ...]) -> list[str]:
+    """A ``config_problems`` entry for a method that only some model families support."""
+    if cfg.model.name in families:
+        return []
+    return [f"peft.name={method} supports model.name={' or '.join(families)}, not {cfg.model.name!r}: "
+            f"choose another model family or a method for every family (peft.name=lora or ia3)"]
 
 
 def _compile(pattern: str, key: str) -> re.Pattern | None:
