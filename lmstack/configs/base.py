@@ -78,7 +78,7 @@ def base_config() -> mlc.ConfigDict:
         )
     )
     # Parameter-efficient fine-tuning: the method's own keys are composed from peft.<name>.
-    c.peft = mlc.ConfigDict(dict(name="none"))  # registry: peft.<name> (none | lora)
+    c.peft = mlc.ConfigDict(dict(name="none"))  # registry: peft.<name> (none | lora | qlora | ia3 | prompt_tuning | prefix_tuning | adapter)
     c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: the remaining devices
     c.checkpoint = mlc.ConfigDict(dict(every=500, keep=3, async_save=True))
     c.eval = mlc.ConfigDict(
