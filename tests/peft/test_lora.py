@@ -194,3 +194,28 @@ def test_frozen_layers_keep_the_first_blocks_exactly():
         np.testing.assert_array_equal(new[0], old[0])  # layer 0: frozen, weight decay included
         assert np.abs(new[1] - old[1]).max() > 0
     assert np.abs(after["params"]["embed"][...] - before["params"]["embed"][...]).max() > 0
+
+
+def test_a_peft_adapter_round_trips_and_one_for_another_base_is_refused(tmp_path):
+    from lmstack.config import compose
+    from lmstack.interop.peft_export import export_peft, load_peft_adapter
+    from lmstack.trainstate import model_factory
+
+    model, c = build(r=4, target_modules="q,v")
+    rng = np.random.default_rng(5)
+    for _, p in projections(model):
+        if p.lora_b is not None:
+            p.lora_b[...] = jnp.asarray(rng.normal(size=p.lora_b.shape), jnp.float32)
+    _, mcfg = model_factory(c, vocab_size=VOCAB)
+    out = export_peft(model, mcfg, LoraSpec.from_section(c.peft), tmp_path / "adapter")
+    same, _ = build(r=4, target_modules="q,v")
+    assert load_peft_adapter(same, mcfg, out) == 2 * 2 * 2  # q and v, A and B, 2 layers
+    np.testing.assert_array_equal(np.asarray(same(TOKENS)), np.asarray(model(TOKENS)))
+    wider = tiny_cfg(r=4, target_modules="q,v")
+    wider.model.d_model = 48
+    wider = compose(wider)
+    make, wcfg = model_factory(wider, vocab_size=VOCAB)
+    with pytest.raises(ConfigError, match=r"adapter/?: base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight "
+                                          r"has shape \[4, 32\] but the model needs \[4, 48\]: the adapter's base "
+                                          r"model or rank does not match$"):
+        load_peft_adapter(make(), wcfg, out)
