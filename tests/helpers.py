@@ -97,3 +97,18 @@ def read_tb_scalars(tb_dir: Path) -> dict[str, dict[int, float]]:
             for value in event.summary.value:
                 out.setdefault(value.tag, {})[event.step] = value.simple_value
     return out
+
+
+TEXT = "The quick brown fox jumps over the lazy dog. " * 200
+
+
+def text_config(data, **train_keys):
+    """A tiny byte-level causal LM over the text file ``data``: 2 steps, a checkpoint every
+    step, one mesh device (for runs that start from each other)."""
+    cfg = tiny_config(**{"steps": 2, "log_every": 1, "progress": False, **train_keys})
+    cfg.model.vocab_size = 0
+    cfg.data.source, cfg.data.path, cfg.data.tokenizer.kind = "text", str(data), "byte"
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, 1, 1
+    cfg.checkpoint.every, cfg.checkpoint.async_save, cfg.eval.every, cfg.eval.batches = 1, False, 0, 1
+    cfg.sample.max_new_tokens = 2
+    return cfg

@@ -19,9 +19,7 @@ from lmstack.objectives.causal_lm import CausalLM
 from lmstack.run import Run
 from lmstack.runspec import RunSpec, with_special_tokens
 from lmstack.train import train
-from tests.helpers import tiny_config
-
-TEXT = "The quick brown fox jumps over the lazy dog. " * 200
+from tests.helpers import TEXT, text_config as config
 
 
 @registry.register("objective.test_chat_lm")
@@ -37,16 +35,6 @@ class ChatLM(CausalLM):
 def count_batches(ctx):
     """Yields the number of held-out batches times ``scale``: an evaluator that is not perplexity."""
     yield "batches", ctx.cfg.eval.test_count.scale * len(ctx.batches)
-
-
-def config(data: Path, **train_keys):
-    cfg = tiny_config(**{"steps": 2, "log_every": 1, "progress": False, **train_keys})
-    cfg.model.vocab_size = 0
-    cfg.data.source, cfg.data.path, cfg.data.tokenizer.kind = "text", str(data), "byte"
-    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, 1, 1
-    cfg.checkpoint.every, cfg.checkpoint.async_save, cfg.eval.every, cfg.eval.batches = 1, False, 0, 1
-    cfg.sample.max_new_tokens = 2
-    return cfg
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from lmstack.run import Run
 from lmstack.sample import open_for_generation
 from lmstack.train import train
 from lmstack.trainstate import build_model_factory
-from tests.test_lineage import TEXT, config
+from tests.helpers import TEXT, text_config as config
 
 pytestmark = pytest.mark.interop  # safetensors
 TOKENS = np.random.default_rng(0).integers(0, 200, (2, 12)).astype(np.int32)
