@@ -53,9 +53,9 @@ def window(tokens_a, tokens_b):
     return {k: v[0] for k, v in stream.windows(np.array([0]), len(stream)).items()}
 
 
-def seen_by_loss(obj, model, rows):
-    """The batch of ``rows``, and the encoder states and logits its loss is computed from."""
-    batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+def seen_by_loss(obj):
+    """A function of (model, rows): the batch of ``rows``, and the encoder states and logits its
+    loss is computed from (one compiled program for every batch of the same shapes)."""
 
     @nnx.jit
     def seen(model, batch):
@@ -63,8 +63,12 @@ def seen_by_loss(obj, model, rows):
         obj.loss_fn(recorder, batch, None)
         return recorder.encoded, recorder.logits
 
-    encoded, logits = seen(model, batch)
-    return batch, np.asarray(encoded), np.asarray(logits)
+    def run(model, rows):
+        batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        encoded, logits = seen(model, batch)
+        return batch, np.asarray(encoded), np.asarray(logits)
+
+    return run
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -86,8 +90,9 @@ def test_a_document_is_blind_to_the_other_documents_of_its_window(case):
     model = make_model()
     rows = [obj.transform(window(a, b), np.random.default_rng(seed)) for seed in range(8)]
     rows_other = [obj.transform(window(a_other, b), np.random.default_rng(seed)) for seed in range(8)]
-    batch, encoded, logits = seen_by_loss(obj, model, rows)
-    batch_other, encoded_other, logits_other = seen_by_loss(obj, model, rows_other)
+    seen = seen_by_loss(obj)
+    batch, encoded, logits = seen(model, rows)
+    batch_other, encoded_other, logits_other = seen(model, rows_other)
 
     seq2seq = "targets_segment_ids" in batch
     in_seg = batch["inputs_segment_ids"] if seq2seq else batch["segment_ids"]
