@@ -38,15 +38,22 @@ def batches():
     return [packed_batch(rng, 8, 16) for _ in range(3)]
 
 
-def test_traces_once(batches):
-    losses, _, step = run_steps(tiny_config(), (1, 1, 1), batches)
+@pytest.fixture(scope="module")
+def single_device(batches):
+    """The tiny llama config's three steps on one device, the reference of the tests below:
+    (losses, final state, compiled step)."""
+    return run_steps(tiny_config(), (1, 1, 1), batches)
+
+
+def test_traces_once(single_device):
+    losses, _, step = single_device
     assert step._cache_size() == 1
     assert losses[2] < losses[0]
 
 
 @pytest.mark.parametrize("style", ["llama", "gpt2"])
-def test_gradient_accumulation_matches_full_batch(batches, style):
-    full, s_full, _ = run_steps(tiny_config(style), (1, 1, 1), batches)
+def test_gradient_accumulation_matches_full_batch(batches, single_device, style):
+    full, s_full, _ = single_device if style == "llama" else run_steps(tiny_config(style), (1, 1, 1), batches)
     acc, s_acc, _ = run_steps(tiny_config(style, microbatches=4), (1, 1, 1), batches)
     np.testing.assert_allclose(acc, full, rtol=0, atol=1e-5)
     for a, b in zip(jax.tree.leaves(s_acc["params"]), jax.tree.leaves(s_full["params"])):
@@ -56,8 +63,8 @@ def test_gradient_accumulation_matches_full_batch(batches, style):
 MESHES = [(8, 1, 1), (2, 2, 2), (1, 4, 2), (1, 2, 4)]
 
 
-def test_sharding_parity(batches):
-    ref, _, _ = run_steps(tiny_config(), (1, 1, 1), batches)
+def test_sharding_parity(batches, single_device):
+    ref, _, _ = single_device
     for shape in MESHES:
         losses, state, _ = run_steps(tiny_config(), shape, batches)
         np.testing.assert_allclose(losses, ref, rtol=0, atol=1e-5, err_msg=f"mesh {shape}")
