@@ -306,7 +306,7 @@ def test_loader_names_wrong_shape_missing_and_unexpected_tensors(tmp_path):
     with pytest.raises(ConfigError) as e:
         load()
     assert str(e.value) == (f"{file}: tensor encoder.layer.1.attention.self.key.weight has shape (32, 24), "
-                            f"expected (32, 32) for model.encoder's blocks.attn.k: check config.json's sizes")
+                            f"expected (32, 32) for model.encoder's blocks.attn.k.weight: check config.json's sizes")
 
     t = tiny_tensors(TINY)
     del t["bert.encoder.layer.0.output.LayerNorm.bias"]
