@@ -99,7 +99,7 @@ def encode_records(objective: Any, tokenizer: Tokenizer, cfg: mlc.ConfigDict) ->
     train_examples, train_notes = objective.encode_records(cfg, tokenizer, train, "train")
     val_examples, val_notes = objective.encode_records(cfg, tokenizer, val, "val")
     return RunData(tokenizer, examples_stream(train_examples, "train"), examples_stream(val_examples, "val"),
-                   train_examples, val_examples, (*train_notes, *val_notes))
+                   train_examples=train_examples, val_examples=val_examples, notes=(*train_notes, *val_notes))
 
 
 class Run:
