@@ -47,7 +47,8 @@ def test_weight_decay_mask(decay_embeddings):
     mask = weight_decay_mask(params, decay_embeddings)
     flat = {"/".join(map(str, path)): bool(v) for path, v in jax.tree_util.tree_leaves_with_path(mask)}
     decayed = {k for k, v in flat.items() if v}
-    matrices = {f"blocks/attn/{n}/value" for n in "qkvo"} | {"blocks/mlp/up/value", "blocks/mlp/down/value"}
+    matrices = {f"blocks/attn/{n}/weight/value" for n in "qkvo"} | {"blocks/mlp/up/weight/value",
+                                                                 "blocks/mlp/down/weight/value"}
     tables = {"embed/value", "pos_embed/value"}
     expected = matrices | (tables if decay_embeddings else set())
     assert {k.replace("'", "").replace("[", "").replace("]", "").replace(".", "") for k in decayed} == expected
