@@ -30,7 +30,8 @@ from lmstack.data.pipeline import TokenStream, split_stream, tokenize_documents
 from lmstack.data.sources import load_documents
 from lmstack.data.tokenizers import Tokenizer, build_tokenizer
 from lmstack.distributed import is_primary, process_rows
-from lmstack.init_from import InitSource, inherit, open_parent, parse_init_from, resize_vocab, with_shapes
+from lmstack.init_from import (InitSource, added_head, inherit, open_parent, parse_init_from, resize_vocab,
+                                with_shapes)
 from lmstack.optim import make_optimizer
 from lmstack.runspec import RunSpec, fresh_spec, stream_digest
 from lmstack.sharding import MeshError, batch_sharding, data_parallel_size, make_mesh
@@ -80,6 +81,23 @@ def tokenize(documents: list[str], tokenizer: Tokenizer, cfg: mlc.ConfigDict) ->
     return RunData(tokenizer, train, val)
 
 
+def read_documents(cfg: mlc.ConfigDict) -> list[str]:
+    """The run's texts (what a fresh tokenizer is trained on): ``data.source``'s documents, or
+    those of an objective whose examples are records (its classmethod ``documents(cfg)``)."""
+    own = getattr(registry.lookup("objective", cfg.objective.name, "objective.name"), "documents", None)
+    return own(cfg) if own else load_documents(cfg.data)
+
+
+def load_data(cfg: mlc.ConfigDict, tokenizer: Tokenizer, documents: list[str] | None = None) -> RunData:
+    """The run's data: ``documents`` (default: :func:`read_documents`) as train/val token streams,
+    or what the objective's classmethod ``load_data(cfg, tokenizer)`` builds from its records
+    (an object with RunData's fields plus the objective's own, e.g. labelled examples)."""
+    own = getattr(registry.lookup("objective", cfg.objective.name, "objective.name"), "load_data", None)
+    if own:
+        return own(cfg, tokenizer)
+    return tokenize(read_documents(cfg) if documents is None else documents, tokenizer, cfg)
+
+
 class Run:
     """A run assembled from its config and spec on a mesh (see the module docstring)."""
 
@@ -118,10 +136,10 @@ class Run:
                 raise ConfigError(f"{str(workdir)!r} holds a model made by `lmstack import`: train from it in a new "
                                   f"workdir with --config.init.from={workdir} --workdir NEW")
             spec = None
-        documents = load_documents(cfg.data)
+        documents = read_documents(cfg)
         if spec is None:
             spec = decide_spec(cfg, source, documents)
-        data = tokenize(documents, spec.tokenizer, cfg)
+        data = load_data(cfg, spec.tokenizer, documents)
         digest = stream_digest(data.train.tokens, data.val.tokens)
         if resuming and spec.data_digest and spec.data_digest != digest and not accept_changed_data:
             raise ConfigError(
@@ -147,8 +165,8 @@ class Run:
         return cls(cfg, workdir, spec, build_mesh(cfg) if mesh is None else mesh)
 
     def load_data(self) -> RunData:
-        """The run's documents, tokenized with its own tokenizer (for evaluation)."""
-        return tokenize(load_documents(self.cfg.data), self.spec.tokenizer, self.cfg)
+        """The run's data, tokenized with its own tokenizer (for evaluation)."""
+        return load_data(self.cfg, self.spec.tokenizer)
 
     # --- state -----------------------------------------------------------------------
 
@@ -160,11 +178,12 @@ class Run:
         if source.kind == "scratch":
             return state
         parent = open_parent(source)
-        # the parent's weights: every parameter but the adapters this run adds, wherever the
-        # trainable set puts it (params or frozen)
+        # the parent's weights: every parameter but the adapters and the classification head this
+        # run adds, wherever the trainable set puts it (params or frozen)
         full = nnx.merge_state(self.abstract["params"], self.abstract["frozen"])
         adapters = self.peft.adapter_types
-        target = full.filter(nnx.All(nnx.Param, nnx.Not(adapters)) if adapters else nnx.Param)
+        target = full.filter(nnx.All(nnx.All(nnx.Param, nnx.Not(adapters)) if adapters else nnx.Param,
+                                     nnx.Not(added_head(parent.spec.model, self.spec.model))))
         with jax.set_mesh(self.mesh):
             loaded = resize_vocab(parent.load_params(with_shapes(target, parent.spec.vocab_size, self.spec.vocab_size)),
                                   target)
