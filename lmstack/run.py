@@ -113,7 +113,7 @@ class Run:
         self.graphdef, self.abstract, self.shardings = abstract_state(self.make_model, self.tx, mesh, self.trainable)
         check_trainable(self.abstract, cfg.train)
         self.objective = registry.lookup("objective", cfg.objective.name, "objective.name")(cfg, spec.special_ids)
-        self.batch_sharding = batch_sharding(mesh)
+        self.batch_sharding = batch_sharding(mesh, ndim=1)  # the leading axis: any rank (per-example labels too)
 
     # --- assembling ------------------------------------------------------------------
 

@@ -1,0 +1,44 @@
+"""SST-2 sentiment classification: a Llama-style decoder with a classification head (HF
+LlamaForSequenceClassification's ``score`` on the last token), trained on SST-2.
+
+Launch:  lmstack train sst2_classify --workdir runs/sst2
+         from a pre-trained run (its tokenizer and trunk, a fresh head; same architecture as causal_lm):
+           lmstack train causal_lm --workdir runs/causal_lm
+           lmstack train sst2_classify --workdir runs/sst2_ft --config.init.from=runs/causal_lm
+         linear probing (the head only): add --config.train.trainable='score.*'
+Data:    ../shared/data/sst2: train.tsv (67,349 sentences), dev.tsv (872; the held-out split),
+         ``label<TAB>sentence`` with a header row (the text is column 1: the headers differ),
+         labels 0 (negative) and 1 (positive).
+Config:  the causal_lm architecture (4 layers, d=128, SentencePiece 4096 trained on SST-2 train
+         when from scratch), 64 tokens a sentence, batch 32, 1,000 steps (about half an epoch).
+Expect:  dev accuracy 0.74 from scratch after 1,000 steps (measured on a loaded 2-core CPU,
+         ~12 min); a majority-class guess gets 0.51.
+"""
+
+from lmstack.configs.pretrain import shrink, stdlib_pretraining
+
+
+def get_config(arg: str | None = None):
+    c, args = stdlib_pretraining(arg)
+    c.model.name = "decoder"
+    c.model.style = "llama"
+    c.model.num_labels = 2
+    c.data.source = "tsv"
+    c.data.path = "../shared/data/sst2/train.tsv"
+    c.data.seq_len = 64
+    c.objective.name = "classify"
+    c.objective.text_field = "1"
+    c.objective.label_field = "label"
+    c.objective.labels = "0,1"
+    c.objective.eval_path = "../shared/data/sst2/dev.tsv"
+    c.train.batch_size = 32
+    c.train.steps = 1000
+    c.optimizer.lr = 1e-3
+    c.optimizer.warmup_steps = 50
+    c.checkpoint.every = 500
+    c.eval.every = 250
+    c.eval.batches = 0  # the whole dev set
+    c.eval.names = ("perplexity", "classification")
+    if args["smoke"]:
+        shrink(c)
+    return c
