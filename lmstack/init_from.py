@@ -14,7 +14,10 @@ its sharding. The child run inherits its parent's tokenizer, reserved ids and ar
 (:func:`inherit`): a model setting that contradicts the parent's is an error naming both
 values; settings that do not change what the weights mean (``WEIGHT_FREE_KEYS``: dropout,
 dtype, remat, scan unrolling, init scale) may differ. New reserved ids grow the embedding
-and output tables (:func:`resize_vocab`).
+and output tables (:func:`resize_vocab`). A child may add a sequence-classification head
+(``model.num_labels``) to a parent without one; the head starts from the initialiser
+(:func:`added_head`), as Hugging Face's ``from_pretrained`` starts a new ``score`` or
+``classifier``.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from lmstack.models.layers import WEIGHT_FREE_KEYS
 from lmstack.runspec import RunSpec, with_special_tokens
 
 KINDS = ("scratch", "run", "hf", "gguf")
+# The sequence-classification heads' parameter names: model.decoder's and model.encoder's.
+CLASSIFIER_HEADS = ("score", "classifier")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +137,7 @@ def inherit(cfg: Any, parent: RunSpec, source: InitSource, special_tokens: tuple
     for key, value in cfg.model.items():
         if key == "name":
             continue
-        if key in WEIGHT_FREE_KEYS:
+        if key in WEIGHT_FREE_KEYS or (key == "num_labels" and not model.get(key)):  # a new head on a headless parent
             model[key] = value
         elif value != defaults.get(key) and value != model.get(key) and not (key in ("vocab_size", "max_seq_len")
                                                                              and value == 0):
@@ -145,6 +150,14 @@ def inherit(cfg: Any, parent: RunSpec, source: InitSource, special_tokens: tuple
     lineage = {"from": str(source), "kind": source.kind, "parent_lineage": parent.lineage}
     spec = RunSpec(tokenizer=parent.tokenizer, special_ids=dict(parent.special_ids), model=model, lineage=lineage)
     return with_special_tokens(spec, special_tokens)
+
+
+def added_head(parent_model: dict[str, Any], child_model: dict[str, Any]) -> Callable[[tuple, Any], bool]:
+    """The nnx filter of the parameters the child has and its parent lacks: the classification
+    head (``score`` / ``classifier``) when the child's spec sets ``num_labels`` and the parent's
+    does not; they keep their initial values. Matches nothing otherwise."""
+    new = bool(child_model.get("num_labels")) and not parent_model.get("num_labels")
+    return lambda path, _: new and str(path[0]) in CLASSIFIER_HEADS
 
 
 def resize_vocab(params: Any, abstract_params: Any) -> Any:

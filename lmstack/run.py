@@ -32,7 +32,8 @@ from lmstack.data.pipeline import TokenStream, examples_stream, split_stream, to
 from lmstack.data.sources import load_documents
 from lmstack.data.tokenizers import Tokenizer, build_tokenizer
 from lmstack.distributed import is_primary, process_rows
-from lmstack.init_from import InitSource, inherit, open_parent, parse_init_from, resize_vocab, with_shapes
+from lmstack.init_from import (InitSource, added_head, inherit, open_parent, parse_init_from, resize_vocab,
+                                with_shapes)
 from lmstack.optim import make_optimizer
 from lmstack.runspec import RunSpec, fresh_spec, stream_digest
 from lmstack.sharding import MeshError, batch_sharding, data_parallel_size, make_mesh
@@ -92,10 +93,17 @@ def tokenize(documents: list[str], tokenizer: Tokenizer, cfg: mlc.ConfigDict) ->
 
 
 def encode_records(objective: Any, tokenizer: Tokenizer, cfg: mlc.ConfigDict) -> RunData:
-    """The records of the data format ``data.source``, split by ``data.val_fraction`` (a seeded
-    choice of records) and encoded by the objective's ``encode_records(cfg, tokenizer,
-    records, split) -> (examples, printout lines)``."""
-    train, val = split_records(load_records(cfg.data), cfg.data.val_fraction, cfg.data.seed)
+    """The records of the data format ``data.source`` (the first ``data.max_records`` of
+    them when set), split into held-out records from ``data.val_path`` or a seeded
+    ``data.val_fraction`` of them, and encoded by the objective's ``encode_records(cfg,
+    tokenizer, records, split) -> (examples, printout lines)``."""
+    records = load_records(cfg.data)
+    if cfg.data.max_records:
+        records = records[:cfg.data.max_records]
+    if cfg.data.val_path:
+        train, val = records, load_records(cfg.data, key="data.val_path")
+    else:
+        train, val = split_records(records, cfg.data.val_fraction, cfg.data.seed)
     train_examples, train_notes = objective.encode_records(cfg, tokenizer, train, "train")
     val_examples, val_notes = objective.encode_records(cfg, tokenizer, val, "val")
     return RunData(tokenizer, examples_stream(train_examples, "train"), examples_stream(val_examples, "val"),
@@ -184,10 +192,11 @@ class Run:
         if source.kind == "scratch":
             return state
         parent = open_parent(source)
-        # the parent's weights: the model without this run's adapters, in float, each tensor
-        # placed where the trainable set puts it (params or frozen); a quantising method
-        # (QLoRA) turns the float base into its storage
+        # the parent's weights: the model without this run's adapters and without the
+        # classification head it adds, in float, each tensor placed where the trainable set puts
+        # it (params or frozen); a quantising method (QLoRA) turns the float base into its storage
         target = abstract_state(self.make_base_model, optax.identity(), self.mesh)[1]["params"]
+        target = target.filter(nnx.Not(added_head(parent.spec.model, self.spec.model)))
         with jax.set_mesh(self.mesh):
             loaded = resize_vocab(parent.load_params(with_shapes(target, parent.spec.vocab_size, self.spec.vocab_size)),
                                   target)

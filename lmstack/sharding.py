@@ -36,6 +36,7 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("token_types", None),  # BERT token-type (segment A/B) embedding rows
     ("relpos_buckets", None),  # T5 relative-position bias rows (the table is split on 'heads')
     ("projection", None),  # two-tower projection output: small, kept whole
+    ("labels", None),  # classification head output (objective.classify): a few classes, kept whole
     ("norm", None),
     ("layers", None),
     ("lora_rank", None),  # LoRA factors' rank axis: small, kept whole

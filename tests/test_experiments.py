@@ -55,6 +55,8 @@ def _data_path(cfg, tmp: Path) -> str:
 @pytest.mark.parametrize("name", NAMES)
 def test_smoke_run(name, tmp_path):
     cfg = load_config(f"{name}:smoke=True", ["--config.train.progress=false"])
+    if cfg.objective.name == "classify":
+        pytest.skip("reads ../shared/data: smoke-run in tests/objectives/test_classify.py (shared_data)")
     if cfg.data.source in ("text", "jsonl", "alpaca") and not cfg.data.path:
         cfg.data.path = _data_path(cfg, tmp_path)
     workdir = tmp_path / "run"

@@ -31,6 +31,8 @@ def base_config() -> mlc.ConfigDict:
             doc_field="document",
             group_field="",
             max_chars=0,  # 0: no limit; otherwise cut the corpus to this many characters
+            max_records=0,  # data formats: 0 all records; otherwise the first N of data.path (data efficiency)
+            val_path="",  # data formats: held-out records from this file; "": data.val_fraction of data.path's
             seq_len=128,
             val_fraction=0.1,  # the last fraction of the token stream is held out
             seed=0,

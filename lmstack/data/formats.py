@@ -21,7 +21,8 @@ Each record keeps ``where`` (``FILE record N`` or ``FILE:LINE``) for later error
 - ``prompt_completion``: JSONL of ``{data.prompt_field, data.completion_field}``: one user
   turn and one assistant turn.
 - ``classification``: TSV, CSV (by suffix, header row) or JSONL with a text column
-  (``data.field``) and a label column (``data.label_field``).
+  (``data.field``) and a label column (``data.label_field``); in TSV/CSV a column is a header
+  name or a 0-based column number.
 
 Bad input raises :class:`lmstack.data.sources.DataError` in one line naming the file and
 the record or line.
@@ -29,6 +30,7 @@ the record or line.
 
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import io
@@ -75,15 +77,19 @@ def is_format(source: str) -> bool:
     return source in names("format")
 
 
-def load_records(data_cfg: mlc.ConfigDict) -> list[Record]:
-    """The records of the format ``data.source`` names, from ``data.path``, in file order.
-    Raises DataError when ``data.source`` is not a format or the files hold no records."""
+def load_records(data_cfg: mlc.ConfigDict, key: str = "data.path") -> list[Record]:
+    """The records of the format ``data.source`` names, from the files of ``data.path`` (or of
+    the data key ``key``, e.g. ``data.val_path``), in file order. Raises DataError when
+    ``data.source`` is not a format or the files hold no records."""
     if not is_format(data_cfg.source):
         raise DataError(f"data.source: {data_cfg.source!r} gives documents, not records: pass one of the data "
                         f"formats {', '.join(names('format'))} with --config.data.path=FILE")
+    if key != "data.path":
+        data_cfg = copy.deepcopy(data_cfg)
+        data_cfg.path = data_cfg[key.removeprefix("data.")]
     records = lookup("format", data_cfg.source)(data_cfg)
     if not records:
-        raise DataError(f"data.path: {data_cfg.path!r} holds no {data_cfg.source} records: point it at a "
+        raise DataError(f"{key}: {data_cfg.path!r} holds no {data_cfg.source} records: point it at a "
                         f"non-empty file")
     return records
 
@@ -246,10 +252,13 @@ def classification_file(path: pathlib.Path, data_cfg: mlc.ConfigDict) -> list[Re
     header = next(reader)
     columns = {}
     for key, name in (("data.field", text_key), ("data.label_field", label_key)):
-        if name not in header:
+        if name in header:
+            columns[name] = header.index(name)
+        elif name.isdigit() and int(name) < len(header):  # for files whose headers differ (SST-2's train and dev)
+            columns[name] = int(name)
+        else:
             raise DataError(f"classification: {path}:1: the header has no column {name!r} (columns: "
-                            f"{', '.join(header)}): set --config.{key}=COLUMN")
-        columns[name] = header.index(name)
+                            f"{', '.join(header)}): set --config.{key} to a column name or a 0-based column number")
     out = []
     for row in reader:
         if not any(cell.strip() for cell in row):

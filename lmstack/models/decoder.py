@@ -31,6 +31,7 @@ from lmstack.models.layers import (
     ACTIVATIONS,
     MLP,
     REMAT_POLICIES,
+    POOLINGS,
     TRANSFORMER_CHOICES,
     TRANSFORMER_DEFAULTS,
     Attention,
@@ -43,7 +44,7 @@ from lmstack.models.layers import (
     param,
     pool,
 )
-from lmstack.models.projection import adapter_key
+from lmstack.models.projection import Projection, adapter_key
 from lmstack.registry import register
 from lmstack.sharding import constrain
 
@@ -81,10 +82,13 @@ class DecoderConfig:
     rope_high_freq_factor: float = 4.0
     rope_original_max_position_embeddings: int = 8192
     sliding_window: int = 0  # 0: full causal attention; else each query sees this many keys (Mistral)
+    num_labels: int = 0  # > 0: a sequence-classification head ``score`` (HF LlamaForSequenceClassification)
+    classifier_pooling: str = "last"  # which hidden state ``score`` reads: last | mean | cls (layers.POOLINGS)
 
     def __post_init__(self):
         if self.activation:  # empty: from the style
             check_choice("activation", self.activation, tuple(ACTIVATIONS), "decoder")
+        check_choice("classifier_pooling", self.classifier_pooling, POOLINGS, "decoder")
         if self.rope_scaling:  # empty: none
             check_choice("rope_scaling", self.rope_scaling, ROPE_SCALINGS, "decoder")
 
@@ -139,6 +143,9 @@ class DecoderConfig:
             rope_high_freq_factor=m.rope_high_freq_factor,
             rope_original_max_position_embeddings=m.rope_original_max_position_embeddings,
             sliding_window=m.sliding_window,
+            # saved specs and imported models from before the head existed lack the keys
+            num_labels=m.get("num_labels", 0),
+            classifier_pooling=m.get("classifier_pooling", "last"),
         )
 
     def flops_per_token(self, seq_len: int) -> float:
@@ -192,8 +199,11 @@ class Decoder(nnx.Module):
         rope_high_freq_factor=4.0,
         rope_original_max_position_embeddings=8192,
         sliding_window=0,  # 0: full causal attention; else keys within this many positions (Mistral)
+        num_labels=0,  # > 0: add a sequence-classification head `score` with this many classes (objective.classify)
+        classifier_pooling="last",  # the head reads the last non-padding token (HF) | mean | cls (the first)
     )
-    config_choices = dict(TRANSFORMER_CHOICES, activation=("",) + tuple(ACTIVATIONS), rope_scaling=("", "llama3"))
+    config_choices = dict(TRANSFORMER_CHOICES, activation=("",) + tuple(ACTIVATIONS), rope_scaling=("", "llama3"),
+                          classifier_pooling=POOLINGS)
 
     def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -215,6 +225,9 @@ class Decoder(nnx.Module):
             self.lm_head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std)
         # (n_virtual, d) virtual token embeddings prepended to every row, set by lmstack.peft.prompt_tuning
         self.soft_prompt: nnx.Param | None = nnx.data(None)
+        if cfg.num_labels:  # HF LlamaForSequenceClassification's bias-free `score`
+            self.score = Projection((cfg.d_model,), (cfg.num_labels,), ("embed", "labels"), std=cfg.init_std,
+                                    rngs=rngs, dtype=cfg.dtype)
 
     def init_cache(self, batch: int, max_len: int) -> dict[str, Array]:
         """An empty KV cache for ``max_len`` tokens (prompt + generated). With a soft prompt it
@@ -263,6 +276,17 @@ class Decoder(nnx.Module):
         """One float32 vector per row: the final hidden states averaged over the tokens
         (segment id > 0), for probes and retrieval."""
         return pool(self.hidden(tokens_bt, segment_ids=segment_ids_bt)[0], segment_ids_bt, "mean")
+
+    def classify(self, tokens_bt: Array, segment_ids_bt: Array, rng: Array | None = None) -> Array:
+        """Float32 class logits (b, num_labels) of one sequence per row (padding: segment 0):
+        the final hidden states pooled by ``classifier_pooling`` (default ``last``, the last
+        non-padding token, as HF LlamaForSequenceClassification) times ``score.weight`` (d, labels).
+        Raises ValueError for a decoder built without a head (``num_labels=0``)."""
+        if not self.cfg.num_labels:
+            raise ValueError("this decoder has no classification head (model.num_labels=0): "
+                             "set --config.model.num_labels to the number of classes")
+        x, _ = self.hidden(tokens_bt, segment_ids=segment_ids_bt, rng=rng)
+        return self.score(pool(x, segment_ids_bt, self.cfg.classifier_pooling), out_dtype=jnp.float32)
 
     def hidden(self, tokens_bt: Array | None, *, inputs_embeds: Array | None = None, positions: Array | None = None,
                segment_ids: Array | None = None, prefix_mask: Array | None = None,

@@ -133,6 +133,8 @@ class EncoderConfig:
     dtype: str = "float32"
     remat: str = "none"
     scan_unroll: int = 1
+    num_labels: int = 0  # > 0: a sequence-classification head ``classifier`` (HF BertForSequenceClassification)
+    classifier_pooling: str = "cls"  # which vector the head reads: cls (BERT) | mean | last
 
     def __post_init__(self):
         self.check("encoder")
@@ -144,6 +146,7 @@ class EncoderConfig:
         check_choice("norm_position", self.norm_position, NORM_POSITIONS, family)
         check_choice("activation", self.activation, tuple(ACTIVATIONS), family)
         check_choice("pooling", self.pooling, POOLINGS, family)
+        check_choice("classifier_pooling", self.classifier_pooling, POOLINGS, family)
 
     @classmethod
     def from_config(cls, m: Any, *, vocab_size: int, max_seq_len: int) -> "EncoderConfig":
@@ -184,6 +187,9 @@ class EncoderConfig:
             dtype=m.dtype,
             remat=m.remat,
             scan_unroll=m.scan_unroll,
+            # only model.encoder has a head (the two towers lack the keys), and specs saved before it none
+            num_labels=m.get("num_labels", 0),
+            classifier_pooling=m.get("classifier_pooling", "cls"),
         )
 
     def layer_matmul_params(self) -> int:
@@ -234,8 +240,12 @@ class Encoder(nnx.Module):
     """
 
     config_class = EncoderConfig
-    config_defaults = ENCODER_DEFAULTS
-    config_choices = ENCODER_CHOICES
+    config_defaults = dict(
+        ENCODER_DEFAULTS,
+        num_labels=0,  # > 0: add a sequence-classification head `classifier` with this many classes
+        classifier_pooling="cls",  # the vector the head reads (then the pooler, if any): cls (BERT) | mean | last
+    )
+    config_choices = dict(ENCODER_CHOICES, classifier_pooling=POOLINGS)
 
     def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -274,6 +284,9 @@ class Encoder(nnx.Module):
         if cfg.pooler:
             self.pooler_dense = Projection((d,), (d,), ("embed", "mlp"), std=cfg.init_std, bias=cfg.use_bias,
                                            rngs=rngs, dtype=cfg.dtype)
+        if cfg.num_labels:  # HF BertForSequenceClassification's `classifier`, on the pooled output
+            self.classifier = Projection((d,), (cfg.num_labels,), ("embed", "labels"), std=cfg.init_std, bias=True,
+                                         rngs=rngs, dtype=cfg.dtype)
 
     def __call__(
         self,
@@ -341,6 +354,19 @@ class Encoder(nnx.Module):
     def features(self, tokens_bt: Array, segment_ids_bt: Array) -> Array:
         """One float32 vector per row (the configured pooling), for probes and retrieval."""
         return self.pooled(self(tokens_bt, segment_ids=segment_ids_bt), segment_ids_bt)
+
+    def classify(self, tokens_bt: Array, segment_ids_bt: Array, rng: Array | None = None) -> Array:
+        """Float32 class logits (b, num_labels) of one sequence per row (padding: segment 0):
+        :meth:`pooled` with ``classifier_pooling`` (BERT: ``cls`` with ``pooler=True``), dropout
+        while training, then ``classifier`` (weight (d, labels), bias), as HF
+        BertForSequenceClassification. Raises ValueError for an encoder built without a head."""
+        c = self.cfg
+        if not c.num_labels:
+            raise ValueError("this encoder has no classification head (model.num_labels=0): "
+                             "set --config.model.num_labels to the number of classes")
+        x = self.pooled(self(tokens_bt, segment_ids=segment_ids_bt, rng=rng), segment_ids_bt, c.classifier_pooling)
+        x = dropout(x, c.dropout, None if rng is None else jax.random.fold_in(rng, c.n_layers + 1))
+        return self.classifier(x, out_dtype=jnp.float32)
 
     def pooled(self, hidden_btd: Array, segment_ids_bt: Array | None = None, kind: str | None = None) -> Array:
         """One float32 vector per row (b, d): :func:`pool` with ``kind`` (default: the

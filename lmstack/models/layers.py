@@ -53,7 +53,7 @@ TRANSFORMER_DEFAULTS: dict[str, Any] = dict(
 )
 # Keys that change how a model runs but not what its weights mean: a run started from
 # another (init.from) may set them freely.
-WEIGHT_FREE_KEYS = ("dropout", "dtype", "remat", "scan_unroll", "init_std")
+WEIGHT_FREE_KEYS = ("dropout", "dtype", "remat", "scan_unroll", "init_std", "classifier_pooling")
 TRANSFORMER_CHOICES = {"style": ("llama", "gpt2"), "dtype": ("float32", "bfloat16"), "remat": ("none", "full", "dots")}
 
 

@@ -1,6 +1,7 @@
 # Importing the package registers every built-in objective (objective.NAME).
 from lmstack.objectives import (  # noqa: F401
     causal_lm,
+    classify,
     contrastive,
     denoising,
     mlm,

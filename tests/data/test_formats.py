@@ -166,7 +166,8 @@ def test_bad_input_messages(tmp_path):
     tsv = tmp_path / "d.tsv"
     tsv.write_text("label\tsentence\n1\tok\n")
     assert _error("classification", tsv) == (f"classification: {tsv}:1: the header has no column 'text' (columns: "
-                                             f"label, sentence): set --config.data.field=COLUMN")
+                                             f"label, sentence): set --config.data.field to a column name or a "
+                                             f"0-based column number")
     tsv.write_text("label\ttext\n1\tok\n0\tno\textra\n")
     assert _error("classification", tsv) == f"classification: {tsv}:3: 3 columns, the header has 2: fix that line"
     assert _error("text", tsv) == ("data.source: 'text' gives documents, not records: pass one of the data formats "
