@@ -19,7 +19,8 @@ class UnknownNameError(ValueError):
     """A config names a plug-in that is not registered."""
 
 _ENTRIES: dict[str, Any] = {}
-_BUILTIN_PACKAGES = ("lmstack.models", "lmstack.objectives", "lmstack.evals", "lmstack.data", "lmstack.peft")
+_BUILTIN_PACKAGES = ("lmstack.models", "lmstack.objectives", "lmstack.evals", "lmstack.data", "lmstack.peft",
+                     "lmstack.forgetting")
 
 
 def register(name: str, **attributes: Any) -> Callable[[T], T]:
