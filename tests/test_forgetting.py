@@ -12,6 +12,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -24,6 +25,8 @@ from lmstack.forgetting.penalties import EWC, ewc_penalty, l2sp_penalty
 from lmstack.objectives.causal_lm import CausalLM
 from lmstack.peft.base import NoPeft, trainable_filter
 from lmstack.run import Run
+from lmstack.sharding import make_mesh
+from lmstack.step import train_step
 from lmstack.train import train
 from lmstack.trainstate import model_factory
 from tests.helpers import corpus_text, packed_batch, tiny_config
@@ -251,3 +254,25 @@ def test_anchors_and_fisher_are_checkpointed_frozen_state(lineage):
 
     penalty = {r["step"]: r["train/penalty"] for r in read_metrics(root / "child") if "train/penalty" in r}
     assert penalty[1] == 0.0 and penalty[2] > 0.0  # theta = theta_0 before the first update only
+
+
+def test_the_penalty_enters_the_train_step_exactly_for_any_microbatch_count():
+    cfg, graphdef, params, rest = tiny_model()
+    cfg = compose(cfg)
+    schedule = optax.constant_schedule(0.1)
+    tx = optax.chain(optax.scale_by_schedule(schedule), optax.scale(-1.0))  # SGD with lmstack's schedule count
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "frozen": rest, "opt_state": tx.init(params)}
+    batch = packed_batch(np.random.default_rng(1), 4, 8, vocab=64)
+    penalty = functools.partial(l2sp_penalty, alpha=0.05)
+    out = {}
+    for n in (1, 2):
+        fn = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule,
+                                       objective=CausalLM(cfg), microbatches=n, penalty=penalty))
+        with jax.set_mesh(make_mesh({"data": 1, "fsdp": 1, "tensor": 1})):  # the step pins microbatch shardings
+            out[n] = jax.device_get(fn(dict(state), batch, jax.random.key(0)))
+    (s1, m1), (s2, m2) = out[1], out[2]
+    assert m1["penalty"] == pytest.approx(float(jax.jit(penalty)(params, rest)), rel=1e-6)
+    assert m2["penalty"] == pytest.approx(m1["penalty"], rel=1e-6) and m1["penalty"] > 0
+    a, b = flat_np(s1["params"]), flat_np(s2["params"])
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6)
