@@ -35,9 +35,10 @@ _CHOICES = {
     "optimizer.schedule": ("cosine", "linear", "constant"),
 }
 # (section, registry kind): the config sections a plug-in owns; eval.NAME is handled apart.
-PLUGIN_SECTIONS = (("model", "model"), ("objective", "objective"), ("peft", "peft"))
+PLUGIN_SECTIONS = (("model", "model"), ("objective", "objective"), ("peft", "peft"),
+                   ("regularization", "regularization"))
 # Overrides that choose plug-ins: applied before the sections are composed.
-_CHOOSING_KEYS = ("model.name", "objective.name", "peft.name", "eval.names")
+_CHOOSING_KEYS = ("model.name", "objective.name", "peft.name", "regularization.name", "eval.names")
 _POSITIVE = ("train.steps", "train.batch_size", "train.microbatches", "data.seq_len",
              "model.d_model", "model.n_layers", "model.n_heads", "model.scan_unroll")
 _NON_NEGATIVE = ("model.vocab_size", "model.n_kv_heads", "model.head_dim", "model.d_ff",  # 0: derived
@@ -383,6 +384,8 @@ def _problems(cfg: mlc.ConfigDict) -> list[tuple[tuple[str, ...], str]]:
     if len(rest) > 1:
         out.append((tuple(rest),
                     f"{', '.join(rest)} are each -1: at most one mesh axis may take the remaining devices"))
+    from lmstack.forgetting.parent import replay_problems  # it looks objectives up, which import this module
+    out += [(("replay.fraction",), msg) for msg in replay_problems(cfg)]
     return out + _plugin_problems(cfg, resolve_model=not out)
 
 

@@ -148,7 +148,7 @@ class CheckpointEvaluator:
             ctx = EvalContext(
                 cfg=self.cfg, data=self.data, objective=run.objective, batches=self.batches,
                 loss_sums=lambda b: self.eval_fn(state, global_batch(b, bsh)),
-                model=lambda: run.model(state),
+                model=lambda: run.model(state), run=run,
             )
             metrics = run_evaluators(ctx)
         record = {"step": step, **metrics, "time": round(time.time(), 3), "config_digest": self.digest}

@@ -32,6 +32,7 @@ from lmstack.data.pipeline import TokenStream, examples_stream, split_stream, to
 from lmstack.data.sources import load_documents
 from lmstack.data.tokenizers import Tokenizer, build_tokenizer
 from lmstack.distributed import is_primary, process_rows
+from lmstack.forgetting.parent import parent_streams
 from lmstack.init_from import (InitSource, added_head, inherit, open_parent, parse_init_from, resize_vocab,
                                 with_shapes)
 from lmstack.optim import make_optimizer
@@ -54,6 +55,7 @@ class RunData:
     train_examples: list[dict] | None = None
     val_examples: list[dict] | None = None
     notes: tuple[str, ...] = ()  # lines for the run's printout (e.g. truncation counts)
+    replay: TokenStream | None = None  # the parent's training split, for replay.fraction > 0
 
 
 def check_batch(batch_size: int, mesh: Mesh, key: str, microbatches: int = 1) -> None:
@@ -123,6 +125,8 @@ class Run:
                                                    max_seq_len=cfg.data.seq_len, seed=cfg.train.seed)[0]
         self.peft = peft_method(cfg.peft)
         self.trainable = trainable_filter(cfg.train, self.peft)
+        self.regularizer = registry.lookup("regularization", cfg.regularization.name, "regularization.name")
+        self.make_model = _with_frozen_extras(self.make_model, self.regularizer, self.trainable)
         self.tx, self.schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
         self.graphdef, self.abstract, self.shardings = abstract_state(self.make_model, self.tx, mesh, self.trainable)
         check_trainable(self.abstract, cfg.train)
@@ -154,6 +158,8 @@ class Run:
         if spec is None:
             spec = decide_spec(cfg, source, documents)
         data = tokenize(documents, spec.tokenizer, cfg)
+        if cfg.replay.fraction:
+            data.replay = parent_streams(cfg, spec.tokenizer)[0]
         digest = stream_digest(data.train.tokens, data.val.tokens)
         if resuming and spec.data_digest and spec.data_digest != digest and not accept_changed_data:
             raise ConfigError(
@@ -209,6 +215,11 @@ class Run:
             state["opt_state"] = jax.jit(self.tx.init, out_shardings=self.shardings["opt_state"])(state["params"])
         return state
 
+    def starting_state(self) -> dict:
+        """:meth:`init_state` with the regularizer's frozen variables filled (``regularization``:
+        the anchors, the Fisher estimate): the state a new training run starts from."""
+        return self.regularizer.start(self, self.init_state())
+
     def restore(self, step: int | None = None, data_iterator: Any | None = None) -> dict:
         """The checkpointed state at ``step`` (default: latest), and the iterator's position in place.
         A workdir without checkpoints whose weights come from ``init.from`` (one made by
@@ -233,12 +244,12 @@ class Run:
         return {k: v for k, v in state.items() if k != "frozen"} if self.adapters_only else state
 
     def restore_checkpoint(self, ckpt: Checkpointer, step: int | None, data_iterator: Any | None = None) -> dict:
-        """The state saved at ``step`` (default: the latest) of ``ckpt``, the frozen base
-        rebuilt from ``init.from`` when checkpoints hold the adapters only."""
+        """The state saved at ``step`` (default: the latest) of ``ckpt``, the frozen base (and a
+        regularizer's anchors) rebuilt from ``init.from`` when checkpoints hold the adapters only."""
         if not self.adapters_only:
             return ckpt.restore(step, self.abstract, data_iterator)
         state = ckpt.restore(step, self.checkpoint_state(self.abstract), data_iterator)
-        state["frozen"] = self.init_state()["frozen"]
+        state["frozen"] = self.starting_state()["frozen"]
         return state
 
     def model(self, state: dict) -> nnx.Module:
@@ -249,7 +260,8 @@ class Run:
 
     def train_step(self):
         return compile_train_step(self.graphdef, self.tx, self.schedule, self.objective, self.cfg.train.microbatches,
-                                  self.shardings, self.batch_sharding, frozen_layers=self.cfg.train.frozen_layers)
+                                  self.shardings, self.batch_sharding, frozen_layers=self.cfg.train.frozen_layers,
+                                  penalty=self.regularizer.penalty(self.cfg.regularization))
 
     def eval_step(self):
         return compile_eval_step(self.graphdef, self.objective, self.shardings, self.batch_sharding)
@@ -278,6 +290,17 @@ class Run:
             f"  total FLOPs      {fpt * total:.3g}",
         ]
         return "\n".join(lines)
+
+
+def _with_frozen_extras(make_model: Any, regularizer: Any, trainable: Any) -> Any:
+    """``make_model`` whose models also hold ``regularizer``'s frozen variables (anchors, Fisher)."""
+
+    def make() -> nnx.Module:
+        model = make_model()
+        regularizer.attach(model, trainable)
+        return model
+
+    return make
 
 
 def decide_spec(cfg: mlc.ConfigDict, source: InitSource, documents: list[str]) -> RunSpec:

@@ -85,6 +85,7 @@ def train_step(
     objective: Any,
     microbatches: int,
     frozen_layers: int = 0,
+    penalty: Any = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update on one global batch; returns the new state and the metrics.
 
@@ -100,6 +101,14 @@ def train_step(
     layers of every stacked parameter, so they stay exactly as they were; the trainable set
     (``state["params"]``) is chosen per parameter path, this per layer of a stack.
 
+    ``penalty(params, frozen) -> scalar`` (optional, e.g. L2-SP or EWC from
+    ``lmstack.forgetting.penalties``) is added to the per-unit loss: the update minimises
+    ``loss_sum / weight + penalty``. That is adding ``weight * penalty`` to the summed loss
+    before the one division by the total weight; since the penalty does not depend on the
+    batch, its value and gradient are computed once per step and added after that division,
+    which is the same for every microbatch count. ``loss`` stays the objective's (comparable
+    with evaluation); ``penalty`` is reported on its own.
+
     Non-finite guard: if the loss or the gradient norm is not finite, parameters and
     optimizer state stay as they were and ``skipped`` is 1. ``step`` still advances (it
     counts batches consumed), but the skipped update consumes no learning-rate schedule
@@ -112,6 +121,10 @@ def train_step(
     weight = jnp.maximum(aux["weight"], 1.0)
     grads = jax.tree.map(lambda g: g / weight, grads)
     loss = loss_sum / weight
+    extra = {}
+    if penalty is not None:
+        extra["penalty"], penalty_grads = jax.value_and_grad(penalty)(params, state["frozen"])
+        grads = jax.tree.map(jnp.add, grads, penalty_grads)
     grad_norm = optax.tree.norm(grads)
     lr = schedule(schedule_count(state["opt_state"]))
     updates, opt_state = tx.update(grads, state["opt_state"], params)
@@ -133,6 +146,7 @@ def train_step(
         "tokens": aux["weight"],
         "skipped": 1.0 - finite.astype(jnp.float32),
         **normalise(aux),
+        **extra,
     }
     return new_state, metrics
 
@@ -144,11 +158,11 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.G
 
 
 def compile_train_step(graphdef, tx, schedule, objective, microbatches, state_sharding, batch_sharding: NamedSharding,
-                       frozen_layers: int = 0):
+                       frozen_layers: int = 0, penalty: Any = None):
     """``jax.jit`` of :func:`train_step` with its static parts bound; donates the state."""
     fn = functools.partial(
         train_step, graphdef=graphdef, tx=tx, schedule=schedule, objective=objective, microbatches=microbatches,
-        frozen_layers=frozen_layers,
+        frozen_layers=frozen_layers, penalty=penalty,
     )
     replicated = NamedSharding(batch_sharding.mesh, P())
     return jax.jit(

@@ -77,7 +77,7 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *, accept_changed_data: bool
         state = run.restore_checkpoint(ckpt, None, train_iter)
         _say(f"resumed from {ckpt.directory} at step {int(state['step'])}")
     else:
-        state = run.init_state()
+        state = run.starting_state()
     _say("\n".join([run.describe(param_count(abstract), trainable_count(abstract), len(data.train)),
                     *(f"  {n}" for n in data.notes)]))
 
@@ -96,7 +96,7 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *, accept_changed_data: bool
             ctx = EvalContext(
                 cfg=cfg, data=data, objective=objective, batches=val_batches,
                 loss_sums=lambda b: eval_fn(state, global_batch(b, bsh)),
-                model=lambda: run.model(state),
+                model=lambda: run.model(state), run=run,
             )
             results = run_evaluators(ctx)
         if results:

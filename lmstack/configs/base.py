@@ -1,7 +1,7 @@
 """The base config: every trunk key an experiment may set, with its default.
 
 Experiments start from :func:`base_config` and change values. The ``model``,
-``objective`` and ``peft`` sections hold only the plug-in's ``name`` here, and ``eval`` only the trunk's
+``objective``, ``peft`` and ``regularization`` sections hold only the plug-in's ``name`` here, and ``eval`` only the trunk's
 keys: the loader composes each from the chosen plug-in's own defaults
 (:func:`lmstack.config.compose`), so a key the chosen plug-in lacks is an error naming it.
 """
@@ -96,6 +96,14 @@ def base_config() -> mlc.ConfigDict:
     )
     # Where the weights start: scratch | WORKDIR[@STEP] | WORKDIR/checkpoints/STEP | a Hugging Face
     # directory (config.json + safetensors) | a .gguf file (see lmstack.init_from).
-    c.init = mlc.ConfigDict(dict(**{"from": "scratch"}))
+    # data_source/data_path: the corpus the init.from weights were trained on (a data.source name and
+    # its data.path; the run's other data settings apply), for replay, EWC's Fisher and eval.forgetting;
+    # "": the init.from run's own data, as its config.json records it (lmstack.forgetting.parent).
+    c.init = mlc.ConfigDict(dict(**{"from": "scratch"}, data_source="", data_path=""))
+    # Continued pre-training against forgetting (lmstack.forgetting): replay mixes round(fraction *
+    # train.batch_size) windows of the parent's training split into every batch (window objectives);
+    # regularization pulls the weights towards where they started (none | l2sp | ewc).
+    c.replay = mlc.ConfigDict(dict(fraction=0.0))
+    c.regularization = mlc.ConfigDict(dict(name="none"))  # registry: regularization.<name>
     c.log = mlc.ConfigDict(dict(jsonl=True, tensorboard=True))
     return c

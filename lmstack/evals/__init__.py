@@ -1,3 +1,4 @@
 # registers eval.perplexity, eval.retrieval, eval.linear_probe, eval.multiple_choice, eval.generation, eval.gsm8k,
-# eval.classification
-from lmstack.evals import classification, generation, gsm8k, linear_probe, multiple_choice, perplexity, retrieval  # noqa: F401
+# eval.classification, eval.forgetting
+from lmstack.evals import (classification, forgetting, generation, gsm8k, linear_probe, multiple_choice,  # noqa: F401
+                           perplexity, retrieval)

@@ -23,6 +23,7 @@ class EvalContext:
     batches: list  # the objective's held-out batches
     loss_sums: Callable[[dict], dict]  # compiled, sharded: one batch -> summed loss and aux
     model: Callable[[], Any]  # the current model, merged on demand (for embedding, generation)
+    run: Any = None  # lmstack.run.Run: for evaluators that need other weights too (eval.forgetting)
 
 
 def run_evaluators(ctx: EvalContext) -> dict[str, float]:

@@ -49,6 +49,7 @@ from lmstack.data.pipeline import (
     transformed_eval_batches,
     transformed_windows_iterator,
 )
+from lmstack.data.replay import replay_iterator
 
 Aux = dict[str, jax.Array]
 
@@ -99,6 +100,9 @@ class WindowObjective:
 
     def train_batches(self, data: Any) -> Iterator[dict]:
         c = self.cfg
+        if getattr(data, "replay", None) is not None:  # continued pre-training with replay.fraction > 0
+            return replay_iterator(data.train, data.replay, fraction=c.replay.fraction, seq_len=c.data.seq_len,
+                                   batch_size=c.train.batch_size, seed=c.data.seed, rows=data.train_rows)
         return train_iterator(data.train, seq_len=c.data.seq_len, batch_size=c.train.batch_size, seed=c.data.seed,
                               rows=data.train_rows)
 
