@@ -12,11 +12,9 @@ plug-ins (``none``, ``l2sp``, ``ewc``).
   empirical Fisher of the parent's objective on the parent's data
   (:func:`lmstack.forgetting.fisher.fisher_diagonal`), computed once when the run starts.
 
-``theta_0`` and ``F`` live in the model itself, as variables that are not ``nnx.Param``
-(:class:`Anchor` under ``model.anchor``, :class:`Fisher` under ``model.fisher``, each at
-the path of the parameter it belongs to): they land in ``state["frozen"]``, sharded like
-their parameter (same logical names) and checkpointed with the state, never differentiated,
-so a resumed run keeps them exactly. A plug-in provides ``attach(model, trainable)`` (adds
+``theta_0`` and ``F`` are shadow variables (:mod:`lmstack.shadow`): :class:`Anchor` under
+``model.anchor`` and :class:`Fisher` under ``model.fisher``, each at the path of the
+parameter it belongs to, frozen, sharded like it and checkpointed with the state. A plug-in provides ``attach(model, trainable)`` (adds
 the variables to a freshly built model), ``start(run, state) -> state`` (fills them once,
 when a run starts) and ``penalty(section)`` (the ``penalty(params, frozen) -> scalar`` the
 train step adds to the loss, or None).
@@ -31,8 +29,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lmstack import shadow
 from lmstack.forgetting.parent import needs_parent_data, windows_only
 from lmstack.registry import register
+from lmstack.shadow import flat_values
 
 Penalty = Callable[[nnx.State, nnx.State], jax.Array]
 
@@ -45,31 +45,12 @@ class Fisher(nnx.Variable):
     """A trainable parameter's diagonal Fisher information estimate (frozen state)."""
 
 
-def attach(model: nnx.Module, trainable: Any, name: str, kind: type[nnx.Variable]) -> None:
-    """Add ``model.<name>``: a tree of zero ``kind`` variables, one at each trainable parameter's
-    path (``trainable``: the nnx filter of the trainable set), with its shape, dtype and
-    logical axis names, so it is sharded like the parameter."""
-    root = nnx.Dict()
-    for path, var in nnx.to_flat_state(nnx.state(model, trainable)):
-        node = root
-        for part in path[:-1]:
-            if part not in node:
-                node[part] = nnx.Dict()
-            node = node[part]
-        node[path[-1]] = kind(jnp.zeros(var.shape, var.dtype), out_sharding=var.get_metadata().get("out_sharding"))
-    setattr(model, name, root)
-
-
-def _flat(state: nnx.State) -> dict[tuple, jax.Array]:
-    return {path: var.get_value() for path, var in nnx.to_flat_state(state)}
-
-
 def l2sp_penalty(params: nnx.State, frozen: nnx.State, *, alpha: float) -> jax.Array:
     """``alpha / 2 * sum ||theta - theta_0||^2`` (float32 scalar) over the leaves of ``params``
     (the trainable set), ``theta_0`` the :class:`Anchor` at the same path under ``frozen["anchor"]``."""
-    anchors = _flat(frozen["anchor"])
+    anchors = flat_values(frozen["anchor"])
     total = sum(jnp.sum(jnp.square(p.astype(jnp.float32) - anchors[path].astype(jnp.float32)))
-                for path, p in _flat(params).items())
+                for path, p in flat_values(params).items())
     return 0.5 * alpha * total
 
 
@@ -77,24 +58,10 @@ def ewc_penalty(params: nnx.State, frozen: nnx.State, *, ewc_lambda: float) -> j
     """``ewc_lambda / 2 * sum F (theta - theta_0)^2`` (float32 scalar) over the leaves of
     ``params``, ``theta_0`` and ``F`` the :class:`Anchor` and :class:`Fisher` at the same path
     under ``frozen["anchor"]`` and ``frozen["fisher"]``."""
-    anchors, fisher = _flat(frozen["anchor"]), _flat(frozen["fisher"])
+    anchors, fisher = flat_values(frozen["anchor"]), flat_values(frozen["fisher"])
     total = sum(jnp.sum(fisher[path] * jnp.square(p.astype(jnp.float32) - anchors[path].astype(jnp.float32)))
-                for path, p in _flat(params).items())
+                for path, p in flat_values(params).items())
     return 0.5 * ewc_lambda * total
-
-
-def with_frozen(state: dict, run: Any, name: str, values: nnx.State) -> dict:
-    """``state`` with the variables under ``frozen[name]`` set to ``values`` (a state at the
-    trainable parameters' paths), each placed in its sharding."""
-
-    def fill(frozen: nnx.State, values: nnx.State) -> nnx.State:
-        new = _flat(values)
-        return nnx.from_flat_state([(p, v.replace(new[p[1:]].astype(v.dtype)) if p[0] == name else v)
-                                    for p, v in nnx.to_flat_state(frozen)])
-
-    with jax.set_mesh(run.mesh):
-        frozen = jax.jit(fill, out_shardings=run.shardings["frozen"])(state["frozen"], values)
-    return {**state, "frozen": frozen}
 
 
 @register("regularization.none")
@@ -124,12 +91,12 @@ class L2SP:
 
     @staticmethod
     def attach(model: nnx.Module, trainable: Any) -> None:
-        attach(model, trainable, "anchor", Anchor)
+        shadow.attach(model, trainable, "anchor", Anchor)
 
     @staticmethod
     def start(run: Any, state: dict) -> dict:
         """The anchors set to the trainable parameters of ``state`` (the run's starting weights)."""
-        return with_frozen(state, run, "anchor", state["params"])
+        return shadow.fill(state, run, "anchor", state["params"])
 
     @staticmethod
     def penalty(section: Any) -> Penalty:
@@ -156,16 +123,16 @@ class EWC:
 
     @staticmethod
     def attach(model: nnx.Module, trainable: Any) -> None:
-        attach(model, trainable, "anchor", Anchor)
-        attach(model, trainable, "fisher", Fisher)
+        shadow.attach(model, trainable, "anchor", Anchor)
+        shadow.attach(model, trainable, "fisher", Fisher)
 
     @staticmethod
     def start(run: Any, state: dict) -> dict:
         """The anchors set to the starting weights and the Fisher estimated on the parent's data."""
         from lmstack.forgetting.fisher import parent_fisher
 
-        state = with_frozen(state, run, "anchor", state["params"])
-        return with_frozen(state, run, "fisher", parent_fisher(run, state))
+        state = shadow.fill(state, run, "anchor", state["params"])
+        return shadow.fill(state, run, "fisher", parent_fisher(run, state))
 
     @staticmethod
     def penalty(section: Any) -> Penalty:

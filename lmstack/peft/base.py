@@ -36,6 +36,33 @@ class NoPeft:
         del model, section, key
 
 
+def disable_adapters(model: nnx.Module, adapter_types: tuple[type, ...]) -> nnx.Module:
+    """``model`` with its adapters taken out, so its forward is the base model's (PEFT's
+    ``disable_adapter()``, what TRL's DPO uses as the reference policy of a PEFT run): every
+    slot a method filled (a variable of one of ``adapter_types``, or a module such as a
+    bottleneck adapter whose variables are all of them) is set back to None. Changes
+    ``model`` in place and returns it: call it on a model merged for the purpose (e.g.
+    ``nnx.merge(graphdef, params, frozen)`` inside a jitted function)."""
+    if not adapter_types:
+        return model
+    removed: list[tuple] = []
+    for path, module in sorted(nnx.iter_modules(model), key=lambda pm: len(pm[0])):  # outermost first
+        if any(path[:len(r)] == r for r in removed):
+            continue  # inside an adapter module already taken out
+        for name, value in list(vars(module).items()):
+            if name.startswith("_"):
+                continue
+            if isinstance(value, adapter_types) or (isinstance(value, nnx.Module) and _only(value, adapter_types)):
+                setattr(module, name, None)
+                removed.append((*path, name))
+    return model
+
+
+def _only(module: nnx.Module, types: tuple[type, ...]) -> bool:
+    leaves = [v for _, v in nnx.to_flat_state(nnx.state(module))]
+    return bool(leaves) and all(isinstance(v, types) for v in leaves)
+
+
 def family_problems(cfg: Any, method: str, families: tuple[str, ...]) -> list[str]:
     """A ``config_problems`` entry for a method that only some model families support."""
     if cfg.model.name in families:
