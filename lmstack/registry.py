@@ -22,7 +22,8 @@ _ENTRIES: dict[str, Any] = {}
 # packages whose __init__ imports their plug-ins, and plug-in modules imported one by one
 _BUILTIN_PACKAGES = ("lmstack.models", "lmstack.objectives", "lmstack.evals", "lmstack.data", "lmstack.peft.base",
                      "lmstack.peft.lora", "lmstack.peft.qlora", "lmstack.peft.ia3", "lmstack.peft.prompt_tuning",
-                     "lmstack.peft.prefix_tuning", "lmstack.peft.adapter", "lmstack.forgetting")
+                     "lmstack.peft.prefix_tuning", "lmstack.peft.adapter", "lmstack.forgetting",
+                     "lmstack.rl.rewards")
 
 
 def register(name: str, **attributes: Any) -> Callable[[T], T]:
