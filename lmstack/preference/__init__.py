@@ -1,0 +1,1 @@
+"""Preference optimisation math: sequence log-probabilities, the DPO family, KTO and Bradley-Terry reward losses."""
