@@ -126,11 +126,14 @@ class Run:
         self.peft = peft_method(cfg.peft)
         self.trainable = trainable_filter(cfg.train, self.peft)
         self.regularizer = registry.lookup("regularization", cfg.regularization.name, "regularization.name")
-        self.make_model = _with_frozen_extras(self.make_model, self.regularizer, self.trainable)
+        self.objective = registry.lookup("objective", cfg.objective.name, "objective.name")(cfg, spec.special_ids)
+        # what keeps frozen companions in the model (lmstack.shadow): the regularizer's anchors,
+        # an objective's reference policy; each has attach(model, trainable) and start(run, state)
+        self.extras = tuple(p for p in (self.regularizer, self.objective) if hasattr(p, "attach"))
+        self.make_model = _with_frozen_extras(self.make_model, self.extras, self.trainable)
         self.tx, self.schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
         self.graphdef, self.abstract, self.shardings = abstract_state(self.make_model, self.tx, mesh, self.trainable)
         check_trainable(self.abstract, cfg.train)
-        self.objective = registry.lookup("objective", cfg.objective.name, "objective.name")(cfg, spec.special_ids)
         self.batch_sharding = batch_sharding(mesh)
 
     # --- assembling ------------------------------------------------------------------
@@ -216,9 +219,12 @@ class Run:
         return state
 
     def starting_state(self) -> dict:
-        """:meth:`init_state` with the regularizer's frozen variables filled (``regularization``:
-        the anchors, the Fisher estimate): the state a new training run starts from."""
-        return self.regularizer.start(self, self.init_state())
+        """:meth:`init_state` with the frozen companions filled (the regularizer's anchors and
+        Fisher estimate, an objective's reference policy): the state a new training run starts from."""
+        state = self.init_state()
+        for extra in self.extras:
+            state = extra.start(self, state)
+        return state
 
     def restore(self, step: int | None = None, data_iterator: Any | None = None) -> dict:
         """The checkpointed state at ``step`` (default: latest), and the iterator's position in place.
@@ -251,6 +257,17 @@ class Run:
         state = ckpt.restore(step, self.checkpoint_state(self.abstract), data_iterator)
         state["frozen"] = self.starting_state()["frozen"]
         return state
+
+    def collect(self, state: dict, batch: dict, step: int) -> tuple[dict, dict[str, float]]:
+        """The objective's collect phase (e.g. rollouts for RL) on a global ``batch`` with
+        ``state``'s weights, before the pure step: ``(the batch the step trains on, metrics)``.
+        Its randomness depends on ``(train.seed, step)`` only, so a resumed run collects the
+        same. Objectives without one get ``(batch, {})``."""
+        collect = getattr(self.objective, "collect", None)
+        if collect is None:
+            return batch, {}
+        rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.cfg.train.seed), step), _COLLECT_STREAM)
+        return collect(self, state, batch, rng)
 
     def model(self, state: dict) -> nnx.Module:
         """The model with ``state``'s weights."""
@@ -292,12 +309,16 @@ class Run:
         return "\n".join(lines)
 
 
-def _with_frozen_extras(make_model: Any, regularizer: Any, trainable: Any) -> Any:
-    """``make_model`` whose models also hold ``regularizer``'s frozen variables (anchors, Fisher)."""
+_COLLECT_STREAM = 0x636F6C6C  # the collect phase's random stream, apart from the train step's (fold_in(seed, step))
+
+
+def _with_frozen_extras(make_model: Any, extras: tuple, trainable: Any) -> Any:
+    """``make_model`` whose models also hold the frozen companions of ``extras`` (anchors, Fisher, a reference)."""
 
     def make() -> nnx.Module:
         model = make_model()
-        regularizer.attach(model, trainable)
+        for extra in extras:
+            extra.attach(model, trainable)
         return model
 
     return make

@@ -50,10 +50,3 @@ def fill(state: dict, run: Any, name: str, values: nnx.State) -> dict:
     with jax.set_mesh(run.mesh):
         frozen = jax.jit(put, out_shardings=run.shardings["frozen"])(state["frozen"], values)
     return {**state, "frozen": frozen}
-
-
-def as_params(params: nnx.State, shadow: nnx.State) -> nnx.State:
-    """``params`` with each value replaced by the shadow's at the same path (e.g. the reference
-    policy's weights in place of the trainable ones), as ``nnx.Param`` variables."""
-    values = flat_values(shadow)
-    return nnx.from_flat_state([(p, v.replace(values[p].astype(v.dtype))) for p, v in nnx.to_flat_state(params)])

@@ -117,11 +117,12 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *, accept_changed_data: bool
             last_t, last_step = time.perf_counter(), start
             while step < cfg.train.steps and not stop.stopping:
                 batch = global_batch(next(train_iter), bsh, cfg.train.batch_size)
+                batch, collected = run.collect(state, batch, step)
                 state, metrics = step_fn(state, batch, jax.random.fold_in(base_rng, step))
                 step += 1
                 bar.update(1)
                 if step % cfg.train.log_every == 0 or step == cfg.train.steps or step == start + 1:
-                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    metrics = {k: float(v) for k, v in jax.device_get({**metrics, **collected}).items()}
                     now = time.perf_counter()
                     per_step = (now - last_t) / (step - last_step)
                     if compile_s is None:

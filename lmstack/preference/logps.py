@@ -21,9 +21,15 @@ def sequence_logps(logits_btv: jax.Array, labels_bt: jax.Array, mask_bt: jax.Arr
     float32 logits with its own defaults; with lmstack's CPU defaults, no YNN fusions, it keeps
     one float32 ``[b, t, v]`` temporary, as a log-softmax would).
     """
+    return jnp.sum(token_logps(logits_btv, labels_bt, mask_bt), axis=-1), jnp.sum(mask_bt.astype(jnp.float32), axis=-1)
+
+
+def token_logps(logits_btv: jax.Array, labels_bt: jax.Array, mask_bt: jax.Array) -> jax.Array:
+    """float32 ``[b, t]``: ``log p(labels[t])`` where ``mask`` is true, 0 elsewhere (the
+    per-token terms of :func:`sequence_logps`, same conventions; what PPO / GRPO ratios and
+    KL estimates compare token by token)."""
     mask = mask_bt.astype(jnp.bool_)
     labels = jnp.where(mask, labels_bt, 0)  # out-of-range pad labels would gather NaN
     label_logits = jnp.take_along_axis(logits_btv, labels[..., None], axis=-1)[..., 0].astype(jnp.float32)
     normaliser = jax.nn.logsumexp(logits_btv.astype(jnp.float32), axis=-1)
-    token_logps = jnp.where(mask, label_logits - normaliser, 0.0)
-    return jnp.sum(token_logps, axis=-1), jnp.sum(mask, axis=-1).astype(jnp.float32)
+    return jnp.where(mask, label_logits - normaliser, 0.0)
