@@ -229,9 +229,14 @@ class Decoder(nnx.Module):
             self.score = Projection((cfg.d_model,), (cfg.num_labels,), ("embed", "labels"), std=cfg.init_std,
                                     rngs=rngs, dtype=cfg.dtype)
 
-    def init_cache(self, batch: int, max_len: int) -> dict[str, Array]:
+    def init_cache(self, batch: int, max_len: int, left_pad: Array | None = None) -> dict[str, Array]:
         """An empty KV cache for ``max_len`` tokens (prompt + generated). With a soft prompt it
-        has ``n_virtual`` rows more, already holding the virtual tokens (index past them)."""
+        has ``n_virtual`` rows more, already holding the virtual tokens (index past them).
+
+        ``left_pad`` (int32 (batch,)): how many padding tokens start each row's prompt
+        (left padding, as HF batches prompts for generation). No query attends to them and
+        each row's positions start at 0 on its first real token (after any virtual tokens),
+        so a padded row continues exactly as its prompt alone would."""
         c = self.cfg
         n_virtual = 0 if self.soft_prompt is None else self.soft_prompt.shape[0]
         shape = (c.n_layers, batch, max_len + n_virtual, c.n_kv_heads, c.head_dim)
@@ -240,6 +245,8 @@ class Decoder(nnx.Module):
         if n_virtual:
             prompt_bnd = jnp.broadcast_to(self.soft_prompt[...], (batch,) + self.soft_prompt.shape)
             cache = self.hidden(None, inputs_embeds=prompt_bnd, cache=cache)[1]
+        if left_pad is not None:
+            cache["left_pad"] = jnp.asarray(left_pad, jnp.int32)
         return cache
 
     def __call__(
@@ -303,6 +310,8 @@ class Decoder(nnx.Module):
         row_q = start + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         doc_pos = row_q if positions is None else positions
         seg_q = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
+        if cache is not None and "left_pad" in cache:
+            seg_q, doc_pos = self.skip_left_padding(row_q, cache["left_pad"], positions)
         if cache is None:
             mask = attention_mask(seg_q, seg_q, row_q, row_q, q_prefix_bt=prefix_mask, k_prefix_bs=prefix_mask,
                                   sliding_window=c.sliding_window)
@@ -314,7 +323,10 @@ class Decoder(nnx.Module):
             k_prefix = None
             if prefix_mask is not None:  # this chunk's prefix flags at its place in the cache
                 k_prefix = jax.lax.dynamic_update_slice_in_dim(jnp.zeros((b, s), bool), prefix_mask, start, axis=1)
-            mask = attention_mask(jnp.ones((b, t), jnp.int32), jnp.ones((b, s), jnp.int32), row_q, row_k, k_valid,
+            seg_k = jnp.ones((b, s), jnp.int32)
+            if "left_pad" in cache:
+                seg_k = self.skip_left_padding(row_k, cache["left_pad"])[0]
+            mask = attention_mask(seg_q, seg_k, row_q, row_k, k_valid,
                                   q_prefix_bt=prefix_mask, k_prefix_bs=k_prefix, sliding_window=c.sliding_window)
             kv_in = (cache["k"], cache["v"])
 
@@ -340,7 +352,20 @@ class Decoder(nnx.Module):
         x = self.final_norm(x)
         if cache is None:
             return x[:, n_virtual:], None
-        return x, {"k": kv_out[0], "v": kv_out[1], "index": start + t}
+        return x, {**cache, "k": kv_out[0], "v": kv_out[1], "index": start + t}
+
+    def skip_left_padding(self, rows_bt: Array, left_pad_b: Array,
+                          positions: Array | None = None) -> tuple[Array, Array]:
+        """Segment ids (int32: 0 on left padding, 1 elsewhere) and positions for cache rows
+        ``rows`` when cache rows ``[n_virtual, n_virtual + left_pad)`` hold each row's left
+        padding. Padding attends only to padding (never a fully masked row) and the row's
+        tokens only to each other; positions skip the padding (clamped at 0 on it), unless
+        given."""
+        n_virtual = 0 if self.soft_prompt is None else self.soft_prompt.shape[0]
+        pad_b1 = left_pad_b[:, None]
+        is_pad = (rows_bt >= n_virtual) & (rows_bt < n_virtual + pad_b1)
+        doc_pos = jnp.maximum(rows_bt - pad_b1, 0) if positions is None else positions
+        return jnp.where(is_pad, 0, 1).astype(jnp.int32), doc_pos
 
 
 def prepend_soft_prompt(prompt_nd: Array, x_btd: Array, doc_pos_bt: Array, mask_b1ts: Array,
