@@ -4,6 +4,7 @@ from lmstack.objectives import (  # noqa: F401
     classify,
     contrastive,
     denoising,
+    grpo,
     mlm,
     prefix_lm,
     sft,
