@@ -29,7 +29,7 @@ from lmstack.sharding import make_mesh
 from lmstack.step import train_step
 from lmstack.train import train
 from lmstack.trainstate import model_factory
-from tests.helpers import corpus_text, packed_batch, tiny_config
+from tests.helpers import corpus_text, packed_batch, text_config, tiny_config
 
 # ----------------------------------------------------------------------------- penalties
 
@@ -198,12 +198,8 @@ def test_config_errors_name_the_setting_and_the_fix():
 
 
 def config(data: Path, **train_keys):
-    cfg = tiny_config(**{"steps": 2, "log_every": 1, "progress": False, **train_keys})
-    cfg.model.vocab_size = 0
-    cfg.data.source, cfg.data.path, cfg.data.tokenizer.kind = "text", str(data), "byte"
-    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, 1, 1
-    cfg.checkpoint.every, cfg.checkpoint.async_save, cfg.eval.every, cfg.eval.batches = 2, False, 0, 2
-    cfg.sample.max_new_tokens = 1
+    cfg = text_config(data, **train_keys)
+    cfg.checkpoint.every, cfg.eval.batches, cfg.sample.max_new_tokens = 2, 2, 1
     return cfg
 
 
