@@ -22,9 +22,8 @@ from typing import Any
 import jax
 from flax import nnx
 
-from lmstack import shadow
+from lmstack import registry, shadow
 from lmstack.peft.base import disable_adapters
-from lmstack.trainstate import peft_method
 
 
 class Reference(nnx.Variable):
@@ -35,7 +34,7 @@ class ReferencePolicy:
     """The reference of a run configured by ``cfg`` (see the module docstring)."""
 
     def __init__(self, cfg: Any):
-        self.adapter_types = peft_method(cfg.peft).adapter_types
+        self.adapter_types = registry.lookup("peft", cfg.peft.name, "peft.name").adapter_types
 
     @property
     def keeps_copy(self) -> bool:
