@@ -6,6 +6,7 @@ from lmstack.objectives import (  # noqa: F401
     denoising,
     mlm,
     prefix_lm,
+    reward_model,
     sft,
     span_corruption,
     ul2,
