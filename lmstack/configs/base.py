@@ -21,7 +21,9 @@ def base_config() -> mlc.ConfigDict:
     c.model = mlc.ConfigDict(dict(name="decoder"))  # registry: model.<name>
     c.data = mlc.ConfigDict(
         dict(
-            source="stdlib",  # stdlib | text | jsonl, or a data format: alpaca | sharegpt | prompt_completion | classification
+            # stdlib | text | jsonl, or a data format: alpaca | sharegpt | prompt_completion | classification
+            # | preference | kto
+            source="stdlib",
             path="",  # file, directory or glob for text/jsonl sources and data formats
             field="text",  # JSONL field holding the text (classification: the text column)
             label_field="label",  # classification: the label column

@@ -9,6 +9,11 @@ Records:
 - :class:`Conversation`: ``messages``, a list of ``{"role", "content"}`` with roles
   ``system``, ``user`` and ``assistant`` (what chat templates read).
 - :class:`Labelled`: ``text`` and ``label`` (a string; JSON numbers and booleans as JSON text).
+- :class:`PreferencePair`: a ``prompt`` conversation (ending with a user message), the
+  ``chosen`` and the ``rejected`` assistant reply, and an optional ``margin`` (how much
+  chosen is preferred; Llama 2's preference-strength margin, TRL's ``margin`` column).
+- :class:`Unpaired`: a conversation whose last message is the assistant reply being judged,
+  and whether it is ``desirable`` (KTO's unpaired label).
 
 Each record keeps ``where`` (``FILE record N`` or ``FILE:LINE``) for later errors. Formats:
 
@@ -23,6 +28,15 @@ Each record keeps ``where`` (``FILE record N`` or ``FILE:LINE``) for later error
 - ``classification``: TSV, CSV (by suffix, header row) or JSONL with a text column
   (``data.field``) and a label column (``data.label_field``); in TSV/CSV a column is a header
   name or a 0-based column number.
+- ``preference``: JSON list or JSONL of pairs, either LLaMA-Factory's ShareGPT ranking records
+  ``{"conversations": [{"from", "value"}, ...], "chosen": {"from": "gpt", "value"},
+  "rejected": {...}, "system"?}`` or TRL's ``{"prompt", "chosen", "rejected"}`` with
+  ``prompt`` a string (one user turn) or a list of ``{"role", "content"}`` messages and each
+  reply a string or a list holding one assistant message; ``margin`` (a number) optional.
+  A pair without ``chosen`` or ``rejected``, or whose two replies are the same text, is an error.
+- ``kto``: JSON list or JSONL of unpaired examples: LLaMA-Factory's ``{"messages": [{"role",
+  "content"}, ...], "label": true/false}`` (or ShareGPT ``conversations``) whose last message
+  is the judged assistant reply, or TRL's ``{"prompt", "completion", "label"}``.
 
 Bad input raises :class:`lmstack.data.sources.DataError` in one line naming the file and
 the record or line.
@@ -68,7 +82,36 @@ class Labelled:
     where: str = ""
 
 
-Record = Conversation | Labelled
+@dataclasses.dataclass(frozen=True)
+class PreferencePair:
+    """A preference pair: the ``prompt`` conversation (``{"role", "content"}`` messages ending
+    with a user message) and two assistant replies, ``chosen`` preferred to ``rejected``
+    (each ``{"role": "assistant", "content"}``); ``margin`` the optional preference strength."""
+
+    prompt: list[dict[str, str]]
+    chosen: dict[str, str]
+    rejected: dict[str, str]
+    margin: float | None = None
+    where: str = ""
+
+    def text(self) -> str:
+        return "\n\n".join(m["content"] for m in [*self.prompt, self.chosen, self.rejected])
+
+
+@dataclasses.dataclass(frozen=True)
+class Unpaired:
+    """An unpaired judged example (KTO): ``messages`` ends with the assistant reply that is
+    ``desirable`` (True) or not."""
+
+    messages: list[dict[str, str]]
+    desirable: bool
+    where: str = ""
+
+    def text(self) -> str:
+        return "\n\n".join(m["content"] for m in self.messages)
+
+
+Record = Conversation | Labelled | PreferencePair | Unpaired
 Format = Callable[[mlc.ConfigDict], list[Record]]
 
 
@@ -106,7 +149,8 @@ def split_records(records: list[Record], val_fraction: float, seed: int) -> tupl
 
 
 def record_type(source: str) -> type:
-    """The record class the format ``source`` yields (:class:`Conversation` or :class:`Labelled`)."""
+    """The record class the format ``source`` yields (:class:`Conversation`, :class:`Labelled`,
+    :class:`PreferencePair` or :class:`Unpaired`)."""
     return lookup("format", source, "data.source").record
 
 
@@ -119,10 +163,10 @@ def _format(name: str, suffix: str, record: type = Conversation) -> Callable[[Ca
             return [r for path in resolve_paths(data_cfg.path, suffix=suffix) for r in read_file(path, data_cfg)]
 
         def documents(data_cfg: mlc.ConfigDict) -> list[str]:
-            return [r.text() if isinstance(r, Conversation) else r.text for r in records(data_cfg)]
+            return [r.text if isinstance(r, Labelled) else r.text() for r in records(data_cfg)]
 
         records.__doc__ = read_file.__doc__
-        documents.__doc__ = f"The texts of the {name} records (a conversation's messages joined by blank lines)."
+        documents.__doc__ = f"The texts of the {name} records (a record's messages joined by blank lines)."
         register(f"data.{name}")(documents)
         return register(f"format.{name}", record=record)(records)
 
@@ -201,22 +245,30 @@ def sharegpt_file(path: pathlib.Path, data_cfg: mlc.ConfigDict) -> list[Record]:
     out = []
     for where, row in _json_records(path):
         key = "messages" if isinstance(row, dict) and "messages" in row else "conversations"
-        turns = _field(row, key, where, "sharegpt", kind=list)
-        names_, role_key, text_key = ((SHAREGPT_ROLES, "from", "value") if key == "conversations"
-                                      else ({r: r for r in ROLES}, "role", "content"))
-        system = _field(row, "system", where, "sharegpt", required=False)
-        messages = [{"role": "system", "content": system}] if system else []
-        for i, turn in enumerate(turns, start=1):
-            at = f"{where} message {i}"
-            who = _field(turn, role_key, at, "sharegpt")
-            if who not in names_:
-                raise DataError(f"sharegpt: {at}: unknown role {who!r} in {key!r}: use "
-                                f"{'/'.join(names_)}")
-            messages.append({"role": names_[who], "content": _field(turn, text_key, at, "sharegpt")})
+        messages = _messages(row, key, where, "sharegpt")
         if not messages:
             raise DataError(f"sharegpt: {where}: {key!r} is empty: drop the record or add its messages")
         out.append(Conversation(messages, where))
     return out
+
+
+def _message(turn: Any, at: str, fmt: str, key: str, sharegpt: bool) -> dict[str, str]:
+    """One turn as ``{"role", "content"}``: ShareGPT ``{from, value}`` or OpenAI ``{role, content}``."""
+    names_, role_key, text_key = ((SHAREGPT_ROLES, "from", "value") if sharegpt
+                                  else ({r: r for r in ROLES}, "role", "content"))
+    who = _field(turn, role_key, at, fmt)
+    if who not in names_:
+        raise DataError(f"{fmt}: {at}: unknown role {who!r} in {key!r}: use {'/'.join(names_)}")
+    return {"role": names_[who], "content": _field(turn, text_key, at, fmt)}
+
+
+def _messages(row: Any, key: str, where: str, fmt: str) -> list[dict[str, str]]:
+    """``row[key]``'s turns as messages, after ``row["system"]`` when the record has one."""
+    turns = _field(row, key, where, fmt, kind=list)
+    system = _field(row, "system", where, fmt, required=False)
+    messages = [{"role": "system", "content": system}] if system else []
+    return messages + [_message(turn, f"{where} message {i}", fmt, key, key == "conversations")
+                       for i, turn in enumerate(turns, start=1)]
 
 
 @_format("prompt_completion", ".jsonl")
@@ -268,4 +320,81 @@ def classification_file(path: pathlib.Path, data_cfg: mlc.ConfigDict) -> list[Re
             raise DataError(f"classification: {path}:{lineno}: {len(row)} columns, the header has {len(header)}: "
                             f"fix that line")
         out.append(Labelled(row[columns[text_key]], row[columns[label_key]].strip(), f"{path}:{lineno}"))
+    return out
+
+
+def _prompt(row: dict, where: str, fmt: str) -> list[dict[str, str]]:
+    """The prompt messages of a preference or KTO record: ``conversations`` turns (ShareGPT)
+    or ``prompt`` (a string: one user turn; or a list of messages)."""
+    if "conversations" in row:
+        return _messages(row, "conversations", where, fmt)
+    prompt = _field(row, "prompt", where, fmt, kind=(str, list))
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _messages(row, "prompt", where, fmt)
+
+
+def _reply(row: dict, key: str, where: str, fmt: str) -> dict[str, str]:
+    """``row[key]`` as one assistant message: a string, a turn object, or a list of one turn."""
+    value = _field(row, key, where, fmt, kind=(str, dict, list))
+    if isinstance(value, str):
+        return {"role": "assistant", "content": value}
+    turns = value if isinstance(value, list) else [value]
+    if len(turns) != 1:
+        raise DataError(f"{fmt}: {where}: {key!r} holds {len(turns)} messages: give one assistant reply "
+                        f"(a string or a single message)")
+    message = _message(turns[0], f"{where} {key}", fmt, key, isinstance(turns[0], dict) and "from" in turns[0])
+    if message["role"] != "assistant":
+        raise DataError(f"{fmt}: {where}: {key!r} is a {message['role']} message: the reply must be the "
+                        f"assistant's (from gpt / role assistant)")
+    return message
+
+
+def _ends_with_user(prompt: list[dict[str, str]], where: str, fmt: str) -> None:
+    if not prompt or prompt[-1]["role"] != "user":
+        last = f"ends with a message of role {prompt[-1]['role']!r}" if prompt else "is empty"
+        raise DataError(f"{fmt}: {where}: the prompt {last}: it must end with the user message the replies "
+                        f"answer")
+
+
+@_format("preference", ".json", PreferencePair)
+def preference_file(path: pathlib.Path, data_cfg: mlc.ConfigDict) -> list[Record]:
+    """Preference pairs: ShareGPT ``conversations`` + ``chosen``/``rejected`` turns, or
+    ``prompt``/``chosen``/``rejected`` (strings or messages), with an optional ``margin``."""
+    out = []
+    for where, row in _json_records(path):
+        if isinstance(row, dict):
+            missing = [k for k in ("chosen", "rejected") if row.get(k) is None]
+            if missing:
+                raise DataError(f"preference: {where}: no {' and no '.join(repr(k) for k in missing)} reply "
+                                f"(fields: {', '.join(row) or 'none'}): a pair needs both a chosen and a "
+                                f"rejected reply: add it or drop the record")
+        prompt = _prompt(row, where, "preference")
+        _ends_with_user(prompt, where, "preference")
+        chosen, rejected = (_reply(row, k, where, "preference") for k in ("chosen", "rejected"))
+        if chosen["content"] == rejected["content"]:
+            raise DataError(f"preference: {where}: 'chosen' and 'rejected' are the same reply, so the pair "
+                            f"prefers nothing: drop the record or fix one of the replies")
+        margin = _field(row, "margin", where, "preference", required=False, kind=(int, float))
+        out.append(PreferencePair(prompt, chosen, rejected, None if margin is None else float(margin), where))
+    return out
+
+
+@_format("kto", ".json", Unpaired)
+def kto_file(path: pathlib.Path, data_cfg: mlc.ConfigDict) -> list[Record]:
+    """Unpaired judged examples: ``messages`` (or ShareGPT ``conversations``) ending with the
+    assistant reply, or ``prompt``/``completion``; ``label`` true (desirable) or false."""
+    out = []
+    for where, row in _json_records(path):
+        if isinstance(row, dict) and "completion" in row:
+            prompt = _prompt(row, where, "kto")
+            _ends_with_user(prompt, where, "kto")
+            messages = prompt + [_reply(row, "completion", where, "kto")]
+        else:
+            messages = _messages(row, "messages" if isinstance(row, dict) and "messages" in row else "conversations",
+                                 where, "kto")
+            if not messages or messages[-1]["role"] != "assistant":
+                raise DataError(f"kto: {where}: the conversation does not end with an assistant message: the last "
+                                f"message is the reply the label judges")
+            _ends_with_user(messages[:-1], where, "kto")
+        label = _field(row, "label", where, "kto", kind=bool)
+        out.append(Unpaired(messages, label, where))
     return out

@@ -65,9 +65,11 @@ class TokenStream:
 
 
 def examples_stream(examples: Sequence[Mapping[str, np.ndarray]], name: str = "") -> TokenStream:
-    """The ``tokens`` of each example back to back, one document per example (what a run
-    hashes, counts and samples from when its objective reads examples, not windows)."""
-    pieces = [np.asarray(e["tokens"], np.int32) for e in examples]
+    """The ``tokens`` of each example back to back, one document per example, or per sequence
+    of an example holding several (``chosen_tokens`` and ``rejected_tokens`` of a preference
+    pair: every ``*_tokens`` field in order): what a run hashes, counts and samples from when
+    its objective reads examples, not windows."""
+    pieces = [np.asarray(e[k], np.int32) for e in examples for k in e if k == "tokens" or k.endswith("_tokens")]
     lengths = np.array([len(p) for p in pieces], np.int64)
     starts = np.cumsum(lengths) - lengths
     tokens = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)

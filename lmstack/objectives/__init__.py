@@ -7,6 +7,7 @@ from lmstack.objectives import (  # noqa: F401
     grpo,
     mlm,
     prefix_lm,
+    reward_model,
     sft,
     span_corruption,
     ul2,

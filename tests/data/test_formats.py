@@ -171,4 +171,4 @@ def test_bad_input_messages(tmp_path):
     tsv.write_text("label\ttext\n1\tok\n0\tno\textra\n")
     assert _error("classification", tsv) == f"classification: {tsv}:3: 3 columns, the header has 2: fix that line"
     assert _error("text", tsv) == ("data.source: 'text' gives documents, not records: pass one of the data formats "
-                                   "alpaca, classification, prompt_completion, sharegpt with --config.data.path=FILE")
+                                   "alpaca, classification, kto, preference, prompt_completion, sharegpt with --config.data.path=FILE")
