@@ -4,6 +4,7 @@ from lmstack.objectives import (  # noqa: F401
     classify,
     contrastive,
     denoising,
+    dpo,
     grpo,
     mlm,
     prefix_lm,
