@@ -43,6 +43,10 @@ def _data_path(cfg, tmp: Path) -> str:
     if cfg.data.source == "alpaca":  # conversations: each line asked for, and answered reversed
         path = tmp / "instruct.json"
         path.write_text(json.dumps([{"instruction": line, "output": line[::-1]} for line in text.splitlines()]))
+    elif cfg.data.source == "preference":  # pairs: each line asked for, the line preferred to it shouted
+        path = tmp / "pairs.json"
+        path.write_text(json.dumps([{"prompt": line[:40], "chosen": line, "rejected": line.upper() + "!"}
+                                    for line in text.splitlines()[:400]]))
     elif cfg.data.source == "jsonl":
         path = tmp / "corpus.jsonl"
         path.write_text("".join(json.dumps({cfg.data.field: line}) + "\n" for line in text.splitlines()))
@@ -57,7 +61,7 @@ def test_smoke_run(name, tmp_path):
     cfg = load_config(f"{name}:smoke=True", ["--config.train.progress=false"])
     if cfg.objective.name == "classify":
         pytest.skip("reads ../shared/data: smoke-run in tests/objectives/test_classify.py (shared_data)")
-    if cfg.data.source in ("text", "jsonl", "alpaca") and not cfg.data.path:
+    if cfg.data.source in ("text", "jsonl", "alpaca", "preference") and not cfg.data.path:
         cfg.data.path = _data_path(cfg, tmp_path)
     workdir = tmp_path / "run"
     summary = train(cfg, workdir)
@@ -79,7 +83,9 @@ def test_smoke_run(name, tmp_path):
     losses = {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
     vocab = json.loads((workdir / "run_spec.json").read_text())["model"]["vocab_size"]  # resolved in the spec
     assert vocab > 0 and json.loads((workdir / "config.json").read_text())["model"]["vocab_size"] == 0
-    if cfg.model.name != "two_tower":
+    if cfg.objective.name == "reward_model":  # a fresh score head: equal rewards, -log sigmoid(0)
+        assert abs(losses[1] - math.log(2)) < 0.05, losses[1]
+    elif cfg.model.name != "two_tower":
         # A freshly initialised LM predicts nearly uniformly over its vocabulary. (A two-tower
         # model ranks documents, not tokens: its chance level depends on the batch and the
         # initial temperature, so only the decrease below is checked for it.)

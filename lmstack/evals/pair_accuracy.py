@@ -9,6 +9,7 @@ held-out pair batches; padding rows (segment 0) are left out. A tie counts as wr
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Iterator
 
 import jax
@@ -21,14 +22,19 @@ from lmstack.preference.reward import pair_accuracy as pair_hits
 from lmstack.registry import register
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "objective"))
+def _rewards(graphdef: Any, state: Any, batch: dict, objective: Any) -> tuple[jax.Array, jax.Array]:
+    """The objective's ``pair_rewards``, compiled once per run (every evaluation reuses it)."""
+    return objective.pair_rewards(nnx.merge(graphdef, state), batch)
+
+
 def held_out_rewards(ctx: EvalContext) -> tuple[np.ndarray, np.ndarray]:
     """``(r_chosen, r_rejected)`` float32 ``[n]`` of every held-out pair, in order."""
     graphdef, state = nnx.split(ctx.model())
-    rewards = jax.jit(lambda st, batch: ctx.objective.pair_rewards(nnx.merge(graphdef, st), batch))
     chosen, rejected = [], []
     for batch in ctx.batches:
         real = np.asarray(batch["chosen_segment_ids"])[:, 0] > 0
-        r_c, r_r = rewards(state, batch)
+        r_c, r_r = _rewards(graphdef, state, batch, ctx.objective)
         chosen.append(np.asarray(r_c)[real])
         rejected.append(np.asarray(r_r)[real])
     return np.concatenate(chosen), np.concatenate(rejected)

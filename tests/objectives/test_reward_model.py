@@ -16,17 +16,19 @@ from flax import nnx
 from lmstack.config import ConfigError, compose, validate
 from lmstack.configs.base import base_config
 from lmstack.data.chat import CHATML, LLAMA3
-from lmstack.data.formats import PreferencePair
+from lmstack.data.formats import PreferencePair, Unpaired
 from lmstack.data.labelled import ordered_batches
 from lmstack.data.sources import DataError
 from lmstack.data.tokenizers import ByteTokenizer
 from lmstack.metrics_log import read_metrics
 from lmstack.objectives.preference_data import (
     PAIR_SEQUENCES,
+    UNPAIRED_SEQUENCES,
     SequenceExamples,
     counts_note,
     encode_pairs,
     encode_reply,
+    encode_unpaired,
 )
 from lmstack.objectives.reward_model import RewardModel
 from lmstack.objectives.sft import render
@@ -104,6 +106,20 @@ def test_batch_layout_one_pair_per_row_and_padding_rows():
             assert not batch[f"{name}_tokens"][r, n:].any() and not batch[f"{name}_mask"][r, n:].any()
         assert not batch[f"{name}_segment_ids"][2].any()  # the padding row
     np.testing.assert_array_equal(batch["margin"], np.float32([2.0, 0.0, 0.0]))
+
+
+def test_unpaired_examples_for_kto_mask_the_last_reply():
+    records = [Unpaired(PROMPT + [{"role": "assistant", "content": "4"}], True, "k 1"),
+               Unpaired(PROMPT + [{"role": "assistant", "content": "22"}], False, "k 2")]
+    examples, counts = encode_unpaired(records, BYTES, CHATML, 200)
+    assert counts["records"] == counts["sequences"] == 2 and not counts["truncated"]
+    prompt = BYTES.encode(render(CHATML, PROMPT, BYTES, add_generation_prompt=True))
+    for e, reply in zip(examples, ("4", "22")):
+        assert e["completion_tokens"][:len(prompt)].tolist() == prompt
+        assert bytes(e["completion_tokens"][e["completion_mask"] == 1].tolist()).decode() == reply + "<|im_end|>\n"
+    (batch,) = ordered_batches(SequenceExamples.stack(examples, UNPAIRED_SEQUENCES, 200), batch_size=2)
+    assert batch["desirable"].tolist() == [1, 0] and batch["completion_tokens"].shape == (2, 200)
+    assert batch["completion_segment_ids"].sum(axis=1).tolist() == [len(e["completion_tokens"]) for e in examples]
 
 
 # --- the loss ------------------------------------------------------------------------------
