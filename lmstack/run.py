@@ -127,9 +127,11 @@ class Run:
         self.trainable = trainable_filter(cfg.train, self.peft)
         self.regularizer = registry.lookup("regularization", cfg.regularization.name, "regularization.name")
         self.objective = registry.lookup("objective", cfg.objective.name, "objective.name")(cfg, spec.special_ids)
-        # what keeps frozen companions in the model (lmstack.shadow): the regularizer's anchors,
-        # an objective's reference policy; each has attach(model, trainable) and start(run, state)
-        self.extras = tuple(p for p in (self.regularizer, self.objective) if hasattr(p, "attach"))
+        # what adds to the model or fills it once the starting weights are in: the regularizer's
+        # anchors, an objective's reference policy (frozen companions, lmstack.shadow), a PEFT
+        # method initialised from the loaded weights; attach(model, trainable) and/or start(run, state)
+        self.extras = tuple(p for p in (self.peft, self.regularizer, self.objective)
+                            if hasattr(p, "attach") or hasattr(p, "start"))
         self.make_model = _with_frozen_extras(self.make_model, self.extras, self.trainable)
         self.tx, self.schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
         self.graphdef, self.abstract, self.shardings = abstract_state(self.make_model, self.tx, mesh, self.trainable)
@@ -219,11 +221,14 @@ class Run:
         return state
 
     def starting_state(self) -> dict:
-        """:meth:`init_state` with the frozen companions filled (the regularizer's anchors and
-        Fisher estimate, an objective's reference policy): the state a new training run starts from."""
+        """:meth:`init_state` finished by each extra's ``start``, in order: a PEFT method's
+        adapters initialised from the loaded weights (prompt tuning's rows of the embedding
+        table), then the frozen companions (the regularizer's anchors and Fisher estimate, an
+        objective's reference policy): the state a new training run starts from."""
         state = self.init_state()
         for extra in self.extras:
-            state = extra.start(self, state)
+            if hasattr(extra, "start"):
+                state = extra.start(self, state)
         return state
 
     def restore(self, step: int | None = None, data_iterator: Any | None = None) -> dict:
@@ -318,7 +323,8 @@ def _with_frozen_extras(make_model: Any, extras: tuple, trainable: Any) -> Any:
     def make() -> nnx.Module:
         model = make_model()
         for extra in extras:
-            extra.attach(model, trainable)
+            if hasattr(extra, "attach"):
+                extra.attach(model, trainable)
         return model
 
     return make

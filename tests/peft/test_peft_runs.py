@@ -135,3 +135,25 @@ def test_qlora_child_quantises_the_parent_base_once(runs, tmp_path):
     blocks = np.abs(w.reshape(w.shape[0], -1, 64)).max(-1)  # per-block absmax, 64 consecutive elements
     assert err.max() <= 0.5 * (1 - 0.6961928009986877) * blocks.max() + 1e-7  # the widest NF4 gap, halved
     assert sum(1 for _, p in projections(run.model(state)) if p.lora_a is not None) == 2
+
+
+@pytest.mark.parametrize("init", ["text", "sample_vocab"])
+def test_prompt_tuning_starts_from_rows_of_the_parents_embedding_table(runs, tmp_path, init):
+    """``text``: the text's tokens, repeated to num_virtual_tokens (PEFT's TEXT init);
+    ``sample_vocab``: rows drawn from the table init.from loaded, not from the random one."""
+    root, data = runs
+    cfg = config(data, steps=3)
+    cfg.init["from"] = str(root / "parent")
+    cfg.peft.update(name="prompt_tuning", num_virtual_tokens=7, prompt_tuning_init=init,
+                    prompt_tuning_init_text="Say:" if init == "text" else "")
+    run, _ = Run.for_training(compose(cfg), tmp_path / "prompt")
+    state = run.starting_state()
+    prompt = np.asarray(state["params"]["soft_prompt"].get_value())
+    table = np.asarray(nnx.merge_state(state["params"], state["frozen"])["embed"].get_value())
+    _, parent = open_for_generation(root / "parent")
+    np.testing.assert_array_equal(table, np.asarray(parent.embed[...]))  # the parent's table
+    if init == "text":
+        ids = run.spec.tokenizer.encode("Say:")
+        np.testing.assert_array_equal(prompt, table[(ids * 2)[:7]])
+    else:
+        assert all((table == row).all(axis=1).any() for row in prompt)
