@@ -274,10 +274,16 @@ class Decoder(nnx.Module):
         """
         x, cache = self.hidden(tokens_bt, inputs_embeds=inputs_embeds, positions=positions, segment_ids=segment_ids,
                                prefix_mask=prefix_mask, cache=cache, rng=rng)
-        head = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
-        logits = dense(x, head.astype(x.dtype), out_dtype=jnp.float32)
+        logits = dense(x, self.output_head().astype(x.dtype), out_dtype=jnp.float32)
         logits = constrain(logits, ("batch", "activation_length", "activation_vocab"))
         return logits if cache is None else (logits, cache)
+
+    def output_head(self) -> Array:
+        """The float32 ``(d_model, vocab)`` matrix the final hidden states are multiplied by:
+        ``lm_head``, or the embedding table transposed when the embeddings are tied (HF
+        ``get_output_embeddings``). Losses that chunk the logits (:mod:`lmstack.objectives.token_logps`)
+        take it with :meth:`hidden`."""
+        return self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
 
     def features(self, tokens_bt: Array, segment_ids_bt: Array) -> Array:
         """One float32 vector per row: the final hidden states averaged over the tokens
