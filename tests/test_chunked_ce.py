@@ -10,7 +10,7 @@ import pytest
 from lmstack import registry
 from lmstack.config import ConfigError, compose, validate
 from lmstack.objectives.causal_lm import token_cross_entropy
-from lmstack.objectives.token_logps import chunked_cross_entropy, chunked_token_logps, token_logps
+from lmstack.token_logps import chunked_cross_entropy, chunked_token_logps, token_logps
 from lmstack.sharding import batch_sharding, make_mesh
 from lmstack.step import compile_train_step
 from lmstack.trainstate import init_state, model_factory

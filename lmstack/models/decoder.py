@@ -281,7 +281,7 @@ class Decoder(nnx.Module):
     def output_head(self) -> Array:
         """The float32 ``(d_model, vocab)`` matrix the final hidden states are multiplied by:
         ``lm_head``, or the embedding table transposed when the embeddings are tied (HF
-        ``get_output_embeddings``). Losses that chunk the logits (:mod:`lmstack.objectives.token_logps`)
+        ``get_output_embeddings``). Losses that chunk the logits (:mod:`lmstack.token_logps`)
         take it with :meth:`hidden`."""
         return self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
 

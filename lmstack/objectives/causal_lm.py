@@ -7,7 +7,7 @@ from typing import Any
 import jax
 
 from lmstack.objectives.base import WindowObjective
-from lmstack.objectives.token_logps import chunked_cross_entropy, cross_entropy_sums, token_logps
+from lmstack.token_logps import chunked_cross_entropy, cross_entropy_sums, token_logps
 from lmstack.registry import register
 
 
@@ -24,7 +24,7 @@ class CausalLM(WindowObjective):
     whose ``loss_mask`` is 0 where the batch has that field (SFT's prompt tokens).
 
     ``objective.loss_chunk`` > 0 computes the output head and the loss that many sequence
-    positions at a time (:func:`lmstack.objectives.token_logps.chunked_cross_entropy`), so a
+    positions at a time (:func:`lmstack.token_logps.chunked_cross_entropy`), so a
     step holds ``batch x loss_chunk x vocab`` float32 logits instead of ``batch x seq_len x
     vocab``; the loss and gradients are unchanged. It is an objective key, not a model one,
     because the model's output (logits) is unchanged: only how this loss reduces them is."""
