@@ -124,9 +124,9 @@ class Run:
         self.make_base_model = build_model_factory(spec.model_section(), vocab_size=spec.vocab_size,
                                                    max_seq_len=cfg.data.seq_len, seed=cfg.train.seed)[0]
         self.peft = peft_method(cfg.peft)
-        self.trainable = trainable_filter(cfg.train, self.peft)
         self.regularizer = registry.lookup("regularization", cfg.regularization.name, "regularization.name")
         self.objective = registry.lookup("objective", cfg.objective.name, "objective.name")(cfg, spec.special_ids)
+        self.trainable = trainable_filter(cfg.train, self.peft, getattr(self.objective, "trainable_types", ()))
         # what keeps frozen companions in the model (lmstack.shadow): the regularizer's anchors,
         # an objective's reference policy; each has attach(model, trainable) and start(run, state)
         self.extras = tuple(p for p in (self.regularizer, self.objective) if hasattr(p, "attach"))

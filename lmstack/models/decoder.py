@@ -274,10 +274,15 @@ class Decoder(nnx.Module):
         """
         x, cache = self.hidden(tokens_bt, inputs_embeds=inputs_embeds, positions=positions, segment_ids=segment_ids,
                                prefix_mask=prefix_mask, cache=cache, rng=rng)
-        head = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
-        logits = dense(x, head.astype(x.dtype), out_dtype=jnp.float32)
-        logits = constrain(logits, ("batch", "activation_length", "activation_vocab"))
+        logits = self.logits(x)
         return logits if cache is None else (logits, cache)
+
+    def logits(self, x_btd: Array) -> Array:
+        """Float32 logits (b, t, vocab) of final hidden states (b, t, d) from :meth:`hidden`:
+        the LM head ``lm_head``, or the embedding transposed when tied."""
+        head = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+        logits = dense(x_btd, head.astype(x_btd.dtype), out_dtype=jnp.float32)
+        return constrain(logits, ("batch", "activation_length", "activation_vocab"))
 
     def features(self, tokens_bt: Array, segment_ids_bt: Array) -> Array:
         """One float32 vector per row: the final hidden states averaged over the tokens
