@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from lmstack.checkpoint import Checkpointer
 from lmstack.config import ConfigError, configure
 from lmstack.configs.base import base_config
 from lmstack.distributed import global_batch
@@ -148,6 +149,21 @@ def test_learns_a_reward_and_resumes_exactly_with_the_adaptive_kl_coefficient(tm
     assert coefs[0] == 0.05 and len(set(coefs)) == 6, coefs  # adapted every step
     rewards = [r["train/reward"] for r in a]
     assert np.mean(rewards[3:]) > np.mean(rewards[:3]) + 0.05, rewards
+
+
+@pytest.mark.interop
+def test_the_export_is_the_policy_without_the_value_head(tmp_path):
+    """`lmstack export --format hf` of a PPO run writes the decoder's tensors, not value_head."""
+    pytest.importorskip("safetensors")
+    from lmstack.interop.hf import read_safetensors
+    from lmstack.interop.workdirs import export_workdir
+
+    run, _ = Run.for_training(ppo_config(tmp_path, kl_coef=0.0), tmp_path / "run")
+    ckpt = Checkpointer(tmp_path / "run", async_save=False)
+    ckpt.save(1, run.starting_state(), None, run.cfg.to_dict())
+    ckpt.close()
+    names = set(read_safetensors(export_workdir(tmp_path / "run", "hf", tmp_path / "hf")))
+    assert "model.embed_tokens.weight" in names and not any("value" in n for n in names), names
 
 
 def test_bad_settings_are_one_line():
