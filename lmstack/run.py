@@ -124,12 +124,12 @@ class Run:
         self.make_base_model = build_model_factory(spec.model_section(), vocab_size=spec.vocab_size,
                                                    max_seq_len=cfg.data.seq_len, seed=cfg.train.seed)[0]
         self.peft = peft_method(cfg.peft)
-        self.trainable = trainable_filter(cfg.train, self.peft)
         self.regularizer = registry.lookup("regularization", cfg.regularization.name, "regularization.name")
         self.objective = registry.lookup("objective", cfg.objective.name, "objective.name")(cfg, spec.special_ids)
+        self.trainable = trainable_filter(cfg.train, self.peft, getattr(self.objective, "trainable_types", ()))
         # what adds to the model or fills it once the starting weights are in: the regularizer's
-        # anchors, an objective's reference policy (frozen companions, lmstack.shadow), a PEFT
-        # method initialised from the loaded weights; attach(model, trainable) and/or start(run, state)
+        # anchors, an objective's reference policy (frozen companions, lmstack.shadow) and heads,
+        # a PEFT method initialised from the loaded weights; attach(model, trainable) and/or start(run, state)
         self.extras = tuple(p for p in (self.peft, self.regularizer, self.objective)
                             if hasattr(p, "attach") or hasattr(p, "start"))
         self.make_model = _with_frozen_extras(self.make_model, self.extras, self.trainable)

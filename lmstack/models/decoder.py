@@ -274,8 +274,7 @@ class Decoder(nnx.Module):
         """
         x, cache = self.hidden(tokens_bt, inputs_embeds=inputs_embeds, positions=positions, segment_ids=segment_ids,
                                prefix_mask=prefix_mask, cache=cache, rng=rng)
-        logits = dense(x, self.output_head().astype(x.dtype), out_dtype=jnp.float32)
-        logits = constrain(logits, ("batch", "activation_length", "activation_vocab"))
+        logits = self.logits(x)
         return logits if cache is None else (logits, cache)
 
     def output_head(self) -> Array:
@@ -284,6 +283,11 @@ class Decoder(nnx.Module):
         ``get_output_embeddings``). Losses that chunk the logits (:mod:`lmstack.token_logps`)
         take it with :meth:`hidden`."""
         return self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+
+    def logits(self, x_btd: Array) -> Array:
+        """Float32 logits (b, t, vocab) of final hidden states (b, t, d) from :meth:`hidden`."""
+        logits = dense(x_btd, self.output_head().astype(x_btd.dtype), out_dtype=jnp.float32)
+        return constrain(logits, ("batch", "activation_length", "activation_vocab"))
 
     def features(self, tokens_bt: Array, segment_ids_bt: Array) -> Array:
         """One float32 vector per row: the final hidden states averaged over the tokens
