@@ -101,7 +101,7 @@ class GRPO(RolloutObjective):
     def loss_fn(self, model: Any, batch: dict[str, jax.Array], rng: jax.Array | None):
         o = self.cfg.objective
         mask = batch["completion_mask"]
-        logp = completion_logps(model, batch, rng)
+        logp = completion_logps(model, batch, rng, chunk=o.loss_chunk)
         per_token = clipped_surrogate_loss(logp, jax.lax.stop_gradient(logp), batch["advantages"],
                                            epsilon_low=o.epsilon_low, epsilon_high=o.epsilon_high)
         num, weight = aggregate(per_token, mask, o.loss_aggregation, max_tokens=o.max_new_tokens)
@@ -110,7 +110,7 @@ class GRPO(RolloutObjective):
                                mask, o.loss_aggregation, max_tokens=o.max_new_tokens)
         aux = {"weight": weight, "clip_fraction": clipped}
         if o.beta:
-            ref_logp = completion_logps(self.reference.model(model), batch, None)
+            ref_logp = completion_logps(self.reference.model(model), batch, None, chunk=o.loss_chunk)
             kl, _ = aggregate(kl_estimate(logp, ref_logp, o.kl_estimator), mask, o.loss_aggregation,
                               max_tokens=o.max_new_tokens)
             num = num + o.beta * kl

@@ -86,12 +86,14 @@ def value_head(d_model: int, dtype: str, seed: int) -> Projection:
     return head
 
 
-def policy_and_values(model: Any, batch: dict[str, jax.Array], rng: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+def policy_and_values(model: Any, batch: dict[str, jax.Array], rng: jax.Array | None, *,
+                      chunk: int = 0) -> tuple[jax.Array, jax.Array]:
     """float32 (rows, N) each: the completion tokens' log-probs and the value head's estimate
-    before each token (0 where masked), from one teacher-forced pass of the shared trunk."""
+    before each token (0 where masked), from one teacher-forced pass of the shared trunk
+    (``chunk``: as :func:`lmstack.objectives.rollout_data.completion_logps`)."""
     hidden = completion_hidden(model, batch, rng)
     values = model.value_head(hidden, out_dtype=jnp.float32)[..., 0]
-    return completion_logps(model, batch, rng, hidden), values * batch["completion_mask"]
+    return completion_logps(model, batch, rng, hidden, chunk=chunk), values * batch["completion_mask"]
 
 
 class WithKLCoefficient(grain.DatasetIterator):
@@ -214,10 +216,10 @@ class PPO(RolloutObjective):
         ``return`` (token means); runs compiled, inside :meth:`collect`."""
         o = self.cfg.objective
         scores, mask = rows["scores"], rows["completion_mask"]
-        old_logps, old_values = policy_and_values(model, rows, None)
+        old_logps, old_values = policy_and_values(model, rows, None, chunk=o.loss_chunk)
         kl = jnp.zeros_like(old_logps)
         if self.uses_reference:
-            ref_logps = completion_logps(self.reference.model(model), rows, None)
+            ref_logps = completion_logps(self.reference.model(model), rows, None, chunk=o.loss_chunk)
             kl = kl_estimate(old_logps, ref_logps, o.kl_estimator) * mask
         rewards = kl_penalised_rewards(scores, kl, mask, kl_coef)
         advantages, returns = gae(rewards, old_values, mask, gamma=o.gamma, lam=o.lam)
@@ -234,7 +236,7 @@ class PPO(RolloutObjective):
     def loss_fn(self, model: Any, batch: dict[str, jax.Array], rng: jax.Array | None):
         o = self.cfg.objective
         mask = batch["completion_mask"]
-        logp, values = policy_and_values(model, batch, rng)
+        logp, values = policy_and_values(model, batch, rng, chunk=o.loss_chunk)
         clip = dict(epsilon_low=o.epsilon_low, epsilon_high=o.epsilon_high)
 
         def mean(per_token: jax.Array) -> tuple[jax.Array, jax.Array]:

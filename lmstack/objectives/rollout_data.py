@@ -35,7 +35,7 @@ from lmstack.data.sources import DataError
 from lmstack.data.tokenizers import Tokenizer
 from lmstack.objectives.reference import ReferencePolicy
 from lmstack.objectives.sft import render
-from lmstack.preference.logps import token_logps
+from lmstack.preference.logps import hidden_token_logps
 from lmstack.registry import names
 from lmstack.rl.rewards import reward_fn
 from lmstack.rollout import sample_rollouts
@@ -50,6 +50,7 @@ ROLLOUT_DEFAULTS = dict(
     top_p=1.0,
     stop="",  # comma-separated texts of one token each that end a completion (the eos always does)
     reward="exact_match",  # a registered reward: exact_match | gsm8k_strict | gsm8k_flexible
+    loss_chunk=0,  # > 0: completion log-probs that many positions at a time, never the full logits
 )
 
 
@@ -220,12 +221,13 @@ def completion_hidden(model: Any, batch: dict[str, jax.Array], rng: jax.Array | 
 
 
 def completion_logps(model: Any, batch: dict[str, jax.Array], rng: jax.Array | None,
-                     hidden: jax.Array | None = None) -> jax.Array:
+                     hidden: jax.Array | None = None, *, chunk: int = 0) -> jax.Array:
     """float32 (rows, N): the policy's log-probability of each completion token (0 where masked),
-    teacher-forced; ``hidden`` is :func:`completion_hidden` when the caller has it already."""
+    teacher-forced; ``hidden`` is :func:`completion_hidden` when the caller has it already;
+    ``chunk`` > 0 computes the logits that many positions at a time (``objective.loss_chunk``)."""
     hidden = completion_hidden(model, batch, rng) if hidden is None else hidden
     n = batch["completion_mask"].shape[1]
-    return token_logps(model.logits(hidden), batch["tokens"][:, -n:], batch["completion_mask"])
+    return hidden_token_logps(model, hidden, batch["tokens"][:, -n:], batch["completion_mask"], chunk=chunk)
 
 
 def pad_id(tokenizer: Tokenizer) -> int:

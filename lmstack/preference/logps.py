@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
-from lmstack.token_logps import token_logps as label_logps
+from lmstack.token_logps import chunked_token_logps, token_logps as label_logps
 
 
 def sequence_logps(logits_btv: jax.Array, labels_bt: jax.Array, mask_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -31,3 +33,16 @@ def token_logps(logits_btv: jax.Array, labels_bt: jax.Array, mask_bt: jax.Array)
     mask = mask_bt.astype(jnp.bool_)
     labels = jnp.where(mask, labels_bt, 0)  # out-of-range pad labels would gather NaN
     return jnp.where(mask, label_logps(logits_btv.astype(jnp.float32), labels).logp, 0.0)
+
+
+def hidden_token_logps(model: Any, hidden_btd: jax.Array, labels_bt: jax.Array, mask_bt: jax.Array, *,
+                       chunk: int = 0) -> jax.Array:
+    """:func:`token_logps` of the logits of a decoder's final hidden states ``(b, t, d)``: the
+    whole ``(b, t, vocab)`` logits at once (``chunk`` 0), or ``chunk`` positions at a time
+    through the output head (:func:`lmstack.token_logps.chunked_token_logps`, the same values
+    and gradients without ever holding the full logits; ``objective.loss_chunk``)."""
+    if not chunk:
+        return token_logps(model.logits(hidden_btd), labels_bt, mask_bt)
+    mask = mask_bt.astype(jnp.bool_)
+    logp = chunked_token_logps(hidden_btd, model.output_head(), jnp.where(mask, labels_bt, 0), chunk=chunk).logp
+    return jnp.where(mask, logp, 0.0)
