@@ -16,6 +16,9 @@ the implementations ``model.attention_impl`` names:
   attention.
 
 Grouped-query attention (k key/value heads dividing n query heads) is native to all three.
+In bfloat16 the einsum path's backward matmuls all run in bf16 (:func:`einsum_f32`); jax's
+XLA implementation differentiates its float32 logits into two float32 x bf16 matmuls (the
+query and key gradients).
 Shapes: b batch, t queries, s keys, n query heads, k key/value heads, h head width.
 """
 
