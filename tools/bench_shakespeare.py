@@ -3,10 +3,12 @@
     python tools/bench_shakespeare.py --data ../shared/data/tinyshakespeare/input.txt
     python tools/bench_shakespeare.py --reps 10 --iters 200 --warmup 0   # nanoGPT's 2000 iterations
 
-Both implementations train the config of ``experiments/shakespeare_char.py`` in this one
-process on this machine: lmstack's compiled step, and the plain PyTorch loop of
-``tools/nanogpt_torch_reference.py`` built from the same config values (width, depth, heads,
-block, batch, AdamW and its schedule) and fed the same token ids. After ``--warmup``
+Both implementations train the config of ``experiments/shakespeare_char.py`` in one
+invocation on this machine: lmstack's compiled step in this process, and the plain PyTorch
+loop of ``tools/nanogpt_torch_reference.py`` in a process of its own (spawned, without JAX:
+beside JAX's thread pools torch's OpenMP threads ran 2.5-4x slower on a loaded machine),
+built from the same config values (width, depth, heads, block, batch, AdamW and its
+schedule) and fed the same token ids. They never run at the same time. After ``--warmup``
 untimed iterations each (lmstack's compile among them), they take turns, ``--reps`` times,
 each turn ``--iters`` iterations (the order flips every repetition, so a drift of the
 machine's speed falls on both). The XLA fp32 matmul peak
@@ -101,33 +103,55 @@ class LmstackSide:
 
 
 class TorchSide:
-    """The PyTorch reference (tools/nanogpt_torch_reference.py) on lmstack's token ids."""
+    """The PyTorch reference (tools/nanogpt_torch_reference.py) on lmstack's token ids, in a
+    process of its own (spawned: no JAX in it) that answers over a pipe."""
 
     name = "PyTorch"
 
-    def __init__(self, ref: Any, hyper: Any, train_tokens: np.ndarray, vocab: int, seed: int, threads: int = 0):
-        import torch
+    def __init__(self, hyper: Any, train_tokens: np.ndarray, vocab: int, seed: int, threads: int = 0):
+        import multiprocessing
 
-        if threads:
-            torch.set_num_threads(threads)
-        self.torch = torch
-        self.trainer = ref.Trainer(torch.from_numpy(train_tokens.astype(np.int64)), vocab, hyper, seed)
+        import nanogpt_torch_reference as ref
+
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=ref.serve, args=(child, hyper, train_tokens, vocab, seed, threads),
+                                   daemon=True)
+        self.process.start()
+        child.close()
+        self.version, self.threads = self._answer()
+
+    def _answer(self) -> Any:
+        out = self.conn.recv()
+        if isinstance(out, tuple) and out and out[0] == "error":
+            raise RuntimeError(f"the PyTorch side failed:\n{out[1]}")
+        return out
+
+    def _call(self, command: str, arg: Any = None) -> Any:
+        self.conn.send((command, arg))
+        return self._answer()
 
     def train(self, n: int) -> float:
-        t0 = time.perf_counter()
-        self.trainer.train(n)
-        return time.perf_counter() - t0
+        """Seconds for ``n`` updates, timed in the child."""
+        return self._call("train", n)
 
     def loss(self, batches: list[dict[str, np.ndarray]]) -> float:
         """The same windows and mask as lmstack's causal_lm objective (one document: plain
         causal attention over each window)."""
-        total = weight = 0.0
+        windows = []
         for b in batches:
-            tokens, seg = (self.torch.from_numpy(b[k].astype(np.int64)) for k in ("tokens", "segment_ids"))
-            mask = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)
-            s, w = self.trainer.loss_sum(tokens[:, :-1], tokens[:, 1:], mask)
-            total, weight = total + s, weight + w
+            tokens, seg = b["tokens"].astype(np.int64), b["segment_ids"]
+            windows.append((tokens[:, :-1], tokens[:, 1:], (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)))
+        total, weight = self._call("loss", windows)
         return total / weight
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        """Replace the model's weights (torch state_dict names, numpy arrays)."""
+        self._call("load", state)
+
+    def close(self) -> None:
+        self.conn.send(("stop", None))
+        self.process.join()
 
 
 def torch_hyper(ref: Any, cfg: Any) -> tuple[Any, list[str]]:
@@ -149,16 +173,18 @@ def torch_hyper(ref: Any, cfg: Any) -> tuple[Any, list[str]]:
     return hyper, lacks
 
 
-def load_torch_reference() -> tuple[Any, str]:
-    """The reference module and "", or None and why torch did not import."""
-    try:
-        import torch  # noqa: F401
-    except ImportError as e:
-        return None, f"{e}"
-    sys.path.insert(0, TOOLS)
+def load_torch_reference() -> Any:
+    """The reference module (its ``Hyper`` and ``serve``; torch is imported only in the
+    process ``TorchSide`` starts), or None where torch is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return None
+    if TOOLS not in sys.path:
+        sys.path.insert(0, TOOLS)  # the spawned process gets the same path
     import nanogpt_torch_reference
 
-    return nanogpt_torch_reference, ""
+    return nanogpt_torch_reference
 
 
 def nanogpt_batches(data: Any, seq_len: int, batch_size: int, n: int, seed: int) -> list[dict[str, np.ndarray]]:
@@ -202,9 +228,10 @@ def main() -> None:
     ours = LmstackSide(cfg, args.workdir or tempfile.mkdtemp(prefix="bench-"))
     cfg = ours.cfg
     sides: list[Any] = [ours]
-    ref, why = (None, "--no-torch") if args.no_torch else load_torch_reference()
+    ref = None if args.no_torch else load_torch_reference()
     if ref is None:
-        print(f"PyTorch side not run ({why}): lmstack's figures alone; install torch to compare")
+        why = "--no-torch" if args.no_torch else "torch is not installed"
+        print(f"PyTorch side not run ({why}): lmstack's figures alone; pip install -e '.[bench]' to compare")
     else:
         hyper, lacks = torch_hyper(ref, cfg)
         if len(ours.data.train.doc_starts) > 1 or len(ours.data.val.doc_starts) > 1:
@@ -212,7 +239,7 @@ def main() -> None:
         if lacks:
             print(f"PyTorch side not run: the reference lacks {', '.join(lacks)}: lmstack's figures alone")
         else:
-            sides.append(TorchSide(ref, hyper, ours.data.train.tokens, ours.run.spec.vocab_size, cfg.train.seed,
+            sides.append(TorchSide(hyper, ours.data.train.tokens, ours.run.spec.vocab_size, cfg.train.seed,
                                    args.torch_threads))
 
     seq, batch = cfg.data.seq_len, cfg.train.batch_size
@@ -250,8 +277,8 @@ def main() -> None:
     print(f"lmstack      jax {jax.__version__}, {jax.device_count()} {jax.default_backend()} device(s), mesh {mesh}, "
           f"{m.dtype}, scan_unroll {m.scan_unroll}, remat {m.remat}, compile + first step {compile_s or 0:.1f} s")
     if len(sides) > 1:
-        t = sides[1].torch
-        print(f"PyTorch      torch {t.__version__}, {t.get_num_threads()} threads, eager, float32")
+        print(f"PyTorch      torch {sides[1].version}, {sides[1].threads} threads, eager, float32, "
+              f"in a process of its own")
     print(f"config       {args.experiment}: {m.n_layers} layers, d={m.d_model}, {m.n_heads} heads, block {seq}, "
           f"batch {batch}; {args.warmup} warmup + {args.reps} x {args.iters} iterations each side, alternating; "
           f"losses at iteration {n_iters}")
@@ -265,6 +292,7 @@ def main() -> None:
         ratios = [b / a for a, b in zip(times["lmstack"], times["PyTorch"])]
         print(f"\nspeed ratio lmstack / PyTorch (> 1: lmstack faster): {statistics.median(ratios):.2f} "
               f"(per repetition: {' '.join(f'{x:.2f}' for x in ratios)})")
+        sides[1].close()
     sys.stdout.flush()
 
 

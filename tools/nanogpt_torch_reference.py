@@ -11,8 +11,9 @@ cosine decay, clipping at 1.0, random windows of the first 90% of the characters
 own it prints the median ms/iteration and the validation loss over the *whole* last 10%
 (lmstack's measure), and nanoGPT's own estimate (the mean over 20 random batches of 12).
 
-``tools/bench_shakespeare.py`` imports :class:`Hyper` and :class:`Trainer` to run this side
-in the same process as lmstack, alternating with it, on the same token ids.
+``tools/bench_shakespeare.py`` runs this side in a process of its own (:func:`serve`), taking
+turns with lmstack on the same token ids: in lmstack's process, beside JAX's thread pools,
+torch's OpenMP threads ran 2.5-4x slower on a loaded 2-core machine.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import math
 import statistics
 import time
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -143,6 +145,42 @@ class Trainer:
             return float(ce.sum()), float(ce.numel())
         m = mask.reshape(-1).to(ce.dtype)
         return float((ce * m).sum()), float(m.sum())
+
+
+def serve(conn, hyper: Hyper, train_tokens: np.ndarray, vocab: int, seed: int, threads: int = 0) -> None:
+    """A :class:`Trainer` answering a parent process over the pipe ``conn``: it first sends
+    ``(torch version, threads)``, then answers each request ``(command, argument)``:
+    ``("train", n)`` -> seconds for n updates; ``("loss", [(inputs, targets, mask), ...])``
+    (int64 / bool numpy (B, T)) -> (summed cross-entropy, count); ``("load", {name: array})``
+    -> None, the model's state_dict replaced; ``("stop", None)`` ends it. A failure is sent
+    back as ``("error", its text)``."""
+    import traceback
+
+    try:
+        if threads:
+            torch.set_num_threads(threads)
+        trainer = Trainer(torch.from_numpy(train_tokens.astype(np.int64)), vocab, hyper, seed)
+        conn.send((torch.__version__, torch.get_num_threads()))
+        while True:
+            command, arg = conn.recv()
+            if command == "stop":
+                return
+            if command == "train":
+                t0 = time.perf_counter()
+                trainer.train(arg)
+                conn.send(time.perf_counter() - t0)
+            elif command == "loss":
+                sums = [trainer.loss_sum(*(torch.from_numpy(a) for a in batch)) for batch in arg]
+                conn.send((sum(s for s, _ in sums), sum(c for _, c in sums)))
+            elif command == "load":
+                trainer.model.load_state_dict({k: torch.from_numpy(v) for k, v in arg.items()})
+                conn.send(None)
+            else:
+                raise ValueError(f"unknown command {command!r}")
+    except Exception:  # the parent raises it
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        conn.close()
 
 
 def whole_split_loss(trainer: Trainer, val: torch.Tensor) -> float:
