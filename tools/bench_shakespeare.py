@@ -1,7 +1,7 @@
 """Benchmark: lmstack against PyTorch on nanoGPT's CPU baseline, side by side in one run.
 
     python tools/bench_shakespeare.py --data ../shared/data/tinyshakespeare/input.txt
-    python tools/bench_shakespeare.py --reps 10 --iters 200 --warmup 0   # nanoGPT's 2000 iterations
+    python tools/bench_shakespeare.py --reps 10 --iters 199   # nanoGPT's 2000 iterations (10 warmup + 10 x 199)
 
 Both implementations train the config of ``experiments/shakespeare_char.py`` in one
 invocation on this machine: lmstack's compiled step in this process, and the plain PyTorch
