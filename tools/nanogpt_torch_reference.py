@@ -152,8 +152,8 @@ def serve(conn, hyper: Hyper, train_tokens: np.ndarray, vocab: int, seed: int, t
     ``(torch version, threads)``, then answers each request ``(command, argument)``:
     ``("train", n)`` -> seconds for n updates; ``("loss", [(inputs, targets, mask), ...])``
     (int64 / bool numpy (B, T)) -> (summed cross-entropy, count); ``("load", {name: array})``
-    -> None, the model's state_dict replaced; ``("stop", None)`` ends it. A failure is sent
-    back as ``("error", its text)``."""
+    -> None, the model's state_dict replaced; ``("stop", None)`` or a closed pipe ends it.
+    A failure is sent back as ``("error", its text)``."""
     import traceback
 
     try:
@@ -162,7 +162,10 @@ def serve(conn, hyper: Hyper, train_tokens: np.ndarray, vocab: int, seed: int, t
         trainer = Trainer(torch.from_numpy(train_tokens.astype(np.int64)), vocab, hyper, seed)
         conn.send((torch.__version__, torch.get_num_threads()))
         while True:
-            command, arg = conn.recv()
+            try:
+                command, arg = conn.recv()
+            except EOFError:  # the parent is gone
+                return
             if command == "stop":
                 return
             if command == "train":
