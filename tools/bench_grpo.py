@@ -17,7 +17,8 @@ synthetic addition task's (lmstack.rl.tasks). One GRPO step as the trainer takes
 - the update: the compiled train step on the collected rows (teacher-forced forward over
   prompt and completion, backward, AdamW), timed on its own.
 
-Each is timed ``--runs`` times after a compiling call (median). Memory: the update's
+Each is timed ``--runs`` times after a compiling call (median), in wall seconds and in this
+process's CPU seconds (on a shared machine the wall time is mostly waiting for a core). Memory: the update's
 ``compiled.memory_analysis()`` (XLA's arguments, outputs, temporaries and peak), and the
 process's peak resident set (``ru_maxrss``, everything: weights, optimizer state, the
 rollout's cache, the compilers).
@@ -53,13 +54,15 @@ def smollm2_gguf() -> str:
     return str(next(folder.glob("*.gguf")))
 
 
-def median_seconds(fn, runs: int) -> float:
-    times = []
+def median_seconds(fn, runs: int) -> tuple[float, float]:
+    """The median wall and process-CPU seconds of ``runs`` calls of ``fn``."""
+    wall, cpu = [], []
     for _ in range(runs):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def machine() -> str:
@@ -82,7 +85,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     args = ap.parse_args()
 
-    data = args.data or str(addition_files(digits=3, n_train=20_000, n_test=500)["train"])
+    data = args.data or str(addition_files(digits=2, n_train=4000, n_test=400)["train"])
     c = base_config()
     c.model.dtype = args.dtype
     c.init["from"] = args.init or smollm2_gguf()
@@ -109,7 +112,7 @@ def main() -> None:
             t = time.perf_counter()
             collected, metrics = run.collect(state, batch, 0)  # compiles the sampler
             first_rollout_s = time.perf_counter() - t
-            rollout_s = statistics.median(run.collect(state, batch, i + 1)[1]["rollout_s"] for i in range(args.runs))
+            rollout_s, rollout_cpu = median_seconds(lambda: run.collect(state, batch, 1), args.runs)
             step_fn = run.train_step()
             rng = jax.random.key(0)
             t = time.perf_counter()
@@ -123,7 +126,7 @@ def main() -> None:
                 jax.block_until_ready(m)
 
             update()  # first call: buffers donated, allocations made
-            update_s = median_seconds(update, args.runs)
+            update_s, update_cpu = median_seconds(update, args.runs)
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     o = cfg.objective
     rows = args.prompts * args.generations
@@ -137,17 +140,20 @@ def main() -> None:
     print("| measure | value |\n|---|---|")
     print(f"| load + init.from (GGUF dequantised) | {load_s:.1f} s |")
     print(f"| rollout, first call (compiles) | {first_rollout_s:.1f} s |")
-    print(f"| rollout (median of {args.runs}) | {rollout_s:.2f} s |")
-    print(f"| rollout tokens/s ({generated} generated) | {generated / rollout_s:.1f} |")
+    print(f"| rollout (median of {args.runs}), wall / process CPU | {rollout_s:.2f} / {rollout_cpu:.2f} s |")
+    print(f"| rollout tokens/s ({generated} generated), per wall / per CPU second | {generated / rollout_s:.1f} / "
+          f"{generated / rollout_cpu:.1f} |")
     print(f"| update compile | {compile_s:.1f} s |")
-    print(f"| update step (median of {args.runs}) | {update_s:.2f} s |")
-    print(f"| update tokens/s ({rows} rows x {o.max_prompt_len + o.max_new_tokens} positions) | {trained / update_s:.1f} |")
+    print(f"| update step (median of {args.runs}), wall / process CPU | {update_s:.2f} / {update_cpu:.2f} s |")
+    print(f"| update tokens/s ({rows} rows x {o.max_prompt_len + o.max_new_tokens} positions), per wall / per CPU "
+          f"second | {trained / update_s:.1f} / {trained / update_cpu:.1f} |")
     print(f"| rollout share of a step | {rollout_s / (rollout_s + update_s):.0%} |")
     print(f"| update, XLA arguments / outputs / temporaries | {mem.argument_size_in_bytes * gib:.2f} / "
           f"{mem.output_size_in_bytes * gib:.2f} / {mem.temp_size_in_bytes * gib:.2f} GiB |")
     print(f"| update, XLA peak (all devices) | {(mem.peak_memory_in_bytes or 0) * gib:.2f} GiB |")
     print(f"| process peak RSS | {peak_rss * gib:.2f} GiB |")
-    print(json.dumps({"rollout_s": rollout_s, "update_s": update_s, "peak_rss_bytes": peak_rss,
+    print(json.dumps({"rollout_s": rollout_s, "update_s": update_s, "rollout_cpu_s": rollout_cpu,
+                      "update_cpu_s": update_cpu, "peak_rss_bytes": peak_rss,
                       "xla_peak_bytes": mem.peak_memory_in_bytes, "first_rollout_s": first_rollout_s,
                       "compile_s": compile_s, "load_s": load_s}))
 

@@ -4,7 +4,8 @@ experiments/grpo_addition from it, and a markdown table of the held-out accuracy
 rollouts of the collect phase, ``train/rollout_s``, against the whole step); a reward-curve
 PNG beside it. Each run resumes from its workdir, so a finished SFT run there is reused.
 
-    python tools/rl_table.py [--workdir runs/rl_table] [--sft-steps 600] [--grpo-steps 100]
+    python tools/rl_table.py [--workdir runs/rl_table] [--sft-steps 300] [--grpo-steps 100]
+                             [--grpo-workdir grpo] [-- --config.optimizer.lr=1e-5 ...]
 
 Held-out accuracy is ``eval.rollout_reward``: greedy completions of the held-out problems
 scored by ``reward.exact_match``. A step's time is read back from ``metrics.jsonl``
@@ -70,8 +71,8 @@ def plot(rows: list[dict], evals: dict[int, float], path: Path) -> None:
     ax.set_xlabel("GRPO step")
     ax.set_ylabel("exact match")
     ax.set_ylim(0, 1)
-    ax.set_title("GRPO on 3-digit addition from the SFT model")
-    ax.legend(loc="lower right")
+    ax.set_title("GRPO on the addition task, from the SFT model")
+    ax.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -79,8 +80,10 @@ def plot(rows: list[dict], evals: dict[int, float], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", default="runs/rl_table")
-    ap.add_argument("--sft-steps", type=int, default=600)
+    ap.add_argument("--sft-steps", type=int, default=300)
     ap.add_argument("--grpo-steps", type=int, default=100)
+    ap.add_argument("--grpo-workdir", default="grpo", help="the GRPO run's folder under --workdir")
+    ap.add_argument("overrides", nargs="*", help="--config.a.b=v overrides of grpo_addition (after --)")
     args = ap.parse_args()
     root = Path(args.workdir)
     common = ["--config.train.progress=false", "--config.checkpoint.async_save=false"]
@@ -91,17 +94,17 @@ def main() -> None:
     sft_s = time.perf_counter() - t
     grpo_flags = common + [f"--config.init.from={root / 'sft'}", f"--config.train.steps={args.grpo_steps}",
                            f"--config.checkpoint.every={args.grpo_steps}", f"--config.eval.every={args.grpo_steps // 2}"]
-    grpo = load_config("grpo_addition", grpo_flags)
+    grpo = load_config("grpo_addition", grpo_flags + args.overrides)
     t = time.perf_counter()
     before = starting_accuracy(grpo, root / "before")
     before_s = time.perf_counter() - t
     t = time.perf_counter()
-    summary = train(grpo, root / "grpo")
+    summary = train(grpo, root / args.grpo_workdir)
     grpo_s = time.perf_counter() - t
 
-    rows = step_times(grpo, root / "grpo")
+    rows = step_times(grpo, root / args.grpo_workdir)
     evals = {0: before["rollout_reward/reward"]}
-    for r in read_metrics(root / "grpo"):
+    for r in read_metrics(root / args.grpo_workdir):
         if "eval/rollout_reward/reward" in r:
             evals[r["step"]] = r["eval/rollout_reward/reward"]
     steady = rows[1:]  # step 1 includes compiling the rollout and the update
@@ -131,9 +134,9 @@ def main() -> None:
           f"{1 - rollout_s / step_s:.0%} |")
     print(f"| whole step | {step_s:.3f} | 100% |")
     print(f"| first step (compiles) | {rows[0]['step_s']:.1f} | |")
-    png = root / "grpo_reward.png"
+    png = root / f"{args.grpo_workdir}_reward.png"
     plot(rows, evals, png)
-    (root / "rl_table.json").write_text(json.dumps({"before": before, "evals": evals, "rows": rows,
+    (root / f"{args.grpo_workdir}_table.json").write_text(json.dumps({"before": before, "evals": evals, "rows": rows,
                                                     "sft_s": sft_s, "grpo_s": grpo_s, "summary_eval": summary["eval"]}))
     print(f"\nwrote {png}")
 
