@@ -7,6 +7,7 @@ import numpy as np
 from jax.extend import core as jcore
 
 from lmstack import registry
+from lmstack.config import compose
 from lmstack.optim import make_optimizer
 from lmstack.sharding import batch_sharding, make_mesh
 from lmstack.step import compile_train_step
@@ -30,7 +31,7 @@ def dot_operand_dtypes(jaxpr: jcore.Jaxpr, out: list) -> list:
 
 
 def two_steps(dtype: str, batches):
-    cfg = tiny_config()
+    cfg = compose(tiny_config())
     cfg.model.dtype = dtype
     mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1})
     make_model, _ = model_factory(cfg, vocab_size=256)
