@@ -88,6 +88,9 @@ def test_smoke_run(name, tmp_path):
     assert vocab > 0 and json.loads((workdir / "config.json").read_text())["model"]["vocab_size"] == 0
     if cfg.objective.name == "reward_model":  # a fresh score head: equal rewards, -log sigmoid(0)
         assert abs(losses[1] - math.log(2)) < 0.05, losses[1]
+    elif cfg.objective.name == "dpo":  # LoRA's B = 0: the policy is its reference, -log sigmoid(0)
+        assert losses[1] == pytest.approx(math.log(2), rel=1e-6)
+        assert 0.0 <= summary["eval"]["pair_accuracy/accuracy"] <= 1.0
     elif cfg.model.name != "two_tower":
         # A freshly initialised LM predicts nearly uniformly over its vocabulary. (A two-tower
         # model ranks documents, not tokens: its chance level depends on the batch and the
