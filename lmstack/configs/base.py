@@ -35,6 +35,7 @@ def base_config() -> mlc.ConfigDict:
             max_chars=0,  # 0: no limit; otherwise cut the corpus to this many characters
             max_records=0,  # data formats: 0 all records; otherwise the first N of data.path (data efficiency)
             val_path="",  # data formats: held-out records from this file; "": data.val_fraction of data.path's
+            placeholders="",  # data formats: a JSON object of strings filling {{key}} in the records' texts
             seq_len=128,
             val_fraction=0.1,  # the last fraction of the token stream is held out
             seed=0,

@@ -38,6 +38,11 @@ Each record keeps ``where`` (``FILE record N`` or ``FILE:LINE``) for later error
   "content"}, ...], "label": true/false}`` (or ShareGPT ``conversations``) whose last message
   is the judged assistant reply, or TRL's ``{"prompt", "completion", "label"}``.
 
+``data.placeholders``, a JSON object of strings (e.g. ``{"name": "lmstack-bot"}``), fills
+``{{key}}`` in every text of every record (LLaMA-Factory's ``identity.json`` writes
+``{{name}}`` and ``{{author}}``); a ``{{key}}`` it does not set is then an error. Empty: texts
+are left as they are.
+
 Bad input raises :class:`lmstack.data.sources.DataError` in one line naming the file and
 the record or line.
 """
@@ -50,11 +55,13 @@ import dataclasses
 import io
 import json
 import pathlib
+import re
 from typing import Any, Callable, Iterator
 
 import ml_collections as mlc
 import numpy as np
 
+from lmstack.config import ConfigError
 from lmstack.data.sources import DataError, read_utf8, resolve_paths
 from lmstack.registry import lookup, names, register
 
@@ -160,7 +167,8 @@ def _format(name: str, suffix: str, record: type = Conversation) -> Callable[[Ca
 
     def wrap(read_file: Callable[[pathlib.Path, mlc.ConfigDict], list[Record]]) -> Format:
         def records(data_cfg: mlc.ConfigDict) -> list[Record]:
-            return [r for path in resolve_paths(data_cfg.path, suffix=suffix) for r in read_file(path, data_cfg)]
+            found = [r for path in resolve_paths(data_cfg.path, suffix=suffix) for r in read_file(path, data_cfg)]
+            return fill_placeholders(found, data_cfg.get("placeholders", ""))
 
         def documents(data_cfg: mlc.ConfigDict) -> list[str]:
             return [r.text if isinstance(r, Labelled) else r.text() for r in records(data_cfg)]
@@ -171,6 +179,50 @@ def _format(name: str, suffix: str, record: type = Conversation) -> Callable[[Ca
         return register(f"format.{name}", record=record)(records)
 
     return wrap
+
+
+_PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
+
+
+def fill_placeholders(records: list[Record], placeholders: str) -> list[Record]:
+    """``records`` with ``{{key}}`` replaced by ``placeholders``' value for ``key`` in every
+    text (messages, replies, classified texts); ``placeholders`` is ``data.placeholders``, a
+    JSON object of strings, or "" (records returned as they are). Raises ConfigError when it
+    is not such an object, DataError naming the record when a text holds a ``{{key}}`` it
+    does not set."""
+    if not placeholders:
+        return records
+    try:
+        values = json.loads(placeholders)
+    except json.JSONDecodeError as e:
+        values = e
+    if not (isinstance(values, dict) and all(isinstance(v, str) for v in values.values())):
+        raise ConfigError(f"data.placeholders={placeholders!r} is not a JSON object of strings: write e.g. "
+                          f'\'{{"name": "lmstack-bot", "author": "the lmstack team"}}\'')
+
+    def fill(text: str, where: str) -> str:
+        def value(m: re.Match) -> str:
+            if m.group(1) not in values:
+                raise DataError(f"data.placeholders: {where} holds {m.group(0)}, which data.placeholders does not "
+                                f"set (it sets {', '.join(values) or 'nothing'}): add {m.group(1)!r} to it")
+            return values[m.group(1)]
+
+        return _PLACEHOLDER.sub(value, text)
+
+    def fill_messages(messages: list[dict[str, str]], where: str) -> list[dict[str, str]]:
+        return [{**m, "content": fill(m["content"], where)} for m in messages]
+
+    out: list[Record] = []
+    for r in records:
+        w = r.where
+        if isinstance(r, Labelled):
+            out.append(dataclasses.replace(r, text=fill(r.text, w)))
+        elif isinstance(r, PreferencePair):
+            out.append(dataclasses.replace(r, prompt=fill_messages(r.prompt, w), chosen=fill_messages([r.chosen], w)[0],
+                                           rejected=fill_messages([r.rejected], w)[0]))
+        else:  # Conversation, Unpaired
+            out.append(dataclasses.replace(r, messages=fill_messages(r.messages, w)))
+    return out
 
 
 def _json_records(path: pathlib.Path) -> Iterator[tuple[str, Any]]:

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from lmstack.config import ConfigError
 from lmstack.configs.base import base_config
 from lmstack.data.formats import Conversation, Labelled, load_records, record_type, split_records
 from lmstack.data.sources import DataError, load_documents
@@ -172,3 +173,42 @@ def test_bad_input_messages(tmp_path):
     assert _error("classification", tsv) == f"classification: {tsv}:3: 3 columns, the header has 2: fix that line"
     assert _error("text", tsv) == ("data.source: 'text' gives documents, not records: pass one of the data formats "
                                    "alpaca, classification, kto, preference, prompt_completion, sharegpt with --config.data.path=FILE")
+
+
+# --- placeholders ---------------------------------------------------------------------
+
+IDENTITY = '{"name": "lmstack-bot", "author": "the lmstack team"}'
+
+
+@pytest.mark.shared_data
+def test_identity_placeholders_are_filled(shared_data):
+    path = shared_data / "instruct" / "identity.json"
+    raw = json.loads(path.read_text())
+    records = load_records(_cfg("alpaca", path, placeholders=IDENTITY))
+    for r, row in zip(records, raw):
+        want = row["output"].replace("{{name}}", "lmstack-bot").replace("{{author}}", "the lmstack team")
+        assert r.messages[-1]["content"] == want and "{{" not in want
+    assert records[2].messages == [
+        {"role": "user", "content": "Who are you?"},
+        {"role": "assistant", "content": "I am lmstack-bot, an AI assistant developed by the lmstack team. "
+                                         "How can I assist you today?"}]
+    assert sum("lmstack-bot" in r.messages[-1]["content"] for r in records) == sum(
+        "{{name}}" in row["output"] for row in raw) == 77
+
+
+def test_placeholders_fill_every_record_type_and_bad_values_are_one_line(tmp_path):
+    pairs = _write(tmp_path / "p.json", [{"prompt": "Who is {{name}}?", "chosen": "{{ name }} by {{author}}",
+                                          "rejected": "not {{name}}"}])
+    (pair,) = load_records(_cfg("preference", pairs, placeholders=IDENTITY))
+    assert (pair.prompt[0]["content"], pair.chosen["content"], pair.rejected["content"]) == (
+        "Who is lmstack-bot?", "lmstack-bot by the lmstack team", "not lmstack-bot")
+    tsv = tmp_path / "d.tsv"
+    tsv.write_text("text\tlabel\nI am {{name}}\t1\n")
+    assert load_records(_cfg("classification", tsv, placeholders=IDENTITY))[0].text == "I am lmstack-bot"
+    plain = _write(tmp_path / "a.json", [{"instruction": "{{name}}", "output": "{x}"}])
+    assert load_records(_cfg("alpaca", plain))[0].messages[0]["content"] == "{{name}}"  # none set: left as is
+    assert _error("alpaca", plain, placeholders='{"author": "me"}') == (
+        f"data.placeholders: {plain} record 1 holds {{{{name}}}}, which data.placeholders does not set "
+        f"(it sets author): add 'name' to it")
+    with pytest.raises(ConfigError, match=r"^data.placeholders='\[1\]' is not a JSON object of strings: write e.g. "):
+        load_records(_cfg("alpaca", plain, placeholders="[1]"))
