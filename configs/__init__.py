@@ -7,7 +7,8 @@
   TPU v5e-256, v5p-128).
 - :mod:`configs.smoke`: the smoke shrink every experiment applies for ``smoke=True``.
 - :mod:`configs.pretrain`: the shared stdlib pre-training setting of the objective comparison.
-- :mod:`configs.checkpoints`: open-weight files installed packages ship (``smollm2_gguf()``).
+- :mod:`configs.open_weights`: open-weight starting points installed packages ship (``smollm2_gguf()``,
+  ``smollm2_instruct(c)``) and their from-scratch smoke stand-in.
 
 Import them from any experiment file (the repo's ``experiments/``, ``./experiments`` or
 ``$LMSTACK_EXPERIMENTS``) as ``from configs import models, smoke``; ``pip install -e .``

@@ -25,7 +25,7 @@ Expect:  measured (tools/identity_answers.py, 2 shared CPU cores at load 7-11): 
 
 import json
 
-from configs.checkpoints import smollm2_gguf
+from configs.open_weights import scratch_chatml, smollm2_instruct
 from configs.smoke import shrink
 from lmstack.config import parse_arg
 from lmstack.configs.base import base_config
@@ -36,14 +36,13 @@ IDENTITY = {"name": "lmstack-bot", "author": "the lmstack team"}
 def get_config(arg: str | None = None):
     args = parse_arg(arg, allowed={"smoke": False})
     c = base_config()
-    c.init["from"] = smollm2_gguf()
     c.data.source = "alpaca"
     c.data.path = "../shared/data/instruct/identity.json"
     c.data.placeholders = json.dumps(IDENTITY)
     c.data.seq_len = 128
     c.data.val_fraction = 0.1
     c.objective.name = "sft"
-    c.objective.chat_template = ""  # the GGUF's own
+    smollm2_instruct(c)  # init.from the GGUF, its own chat template
     c.objective.packing = "best_fit"
     c.peft.name = "lora"
     c.peft.target_modules = "all-linear"
@@ -59,10 +58,7 @@ def get_config(arg: str | None = None):
     c.sample.temperature = 0.0
     c.sample.max_new_tokens = 16
     if args["smoke"]:
-        c.init["from"] = ""
-        c.data.path = ""  # pass --config.data.path (the test suite writes a small file)
-        c.data.tokenizer.kind = "byte"
-        c.objective.chat_template = "chatml"
+        scratch_chatml(c)  # data.path empty: pass --config.data.path (the test suite writes a small file)
         c.optimizer.lr = 3e-3
         shrink(c, steps=4, model=dict(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=64, scan_unroll=2),
                new_tokens=4)

@@ -20,7 +20,7 @@ Expect:  not measured yet (a step is two 8 x 512 forward/backward passes of a 13
          at step 1 (the fresh head's rewards are near 0).
 """
 
-from configs.checkpoints import smollm2_gguf
+from configs.open_weights import scratch_chatml, smollm2_instruct
 from configs.smoke import shrink
 from lmstack.config import parse_arg
 from lmstack.configs.base import base_config
@@ -30,13 +30,12 @@ def get_config(arg: str | None = None):
     args = parse_arg(arg, allowed={"smoke": False})
     c = base_config()
     c.model.num_labels = 1
-    c.init["from"] = smollm2_gguf()
+    smollm2_instruct(c)
     c.data.source = "preference"
     c.data.path = "../shared/data/preference/dpo_en_demo.json"
     c.data.seq_len = 512
     c.data.val_fraction = 0.1
     c.objective.name = "reward_model"
-    c.objective.chat_template = ""  # the GGUF's own
     c.train.batch_size = 8
     c.train.steps = 100
     c.train.log_every = 5
@@ -49,10 +48,7 @@ def get_config(arg: str | None = None):
     c.eval.names = ("perplexity", "pair_accuracy")
     c.sample.max_new_tokens = 16
     if args["smoke"]:
-        c.init["from"] = ""
-        c.data.path = ""  # pass --config.data.path (the test suite writes a small file)
-        c.data.tokenizer.kind = "byte"
-        c.objective.chat_template = "chatml"
+        scratch_chatml(c)  # pass --config.data.path (the test suite writes a small file)
         c.optimizer.lr = 3e-3
         shrink(c, steps=4, model=dict(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=64, scan_unroll=2),
                new_tokens=4)

@@ -8,6 +8,10 @@
   (nanoGPT benchmark on 2 cores: 46 -> ~36 ms per iteration).
 - **No YNN fusions.** XLA:CPU's experimental YNN fusions run these matmuls ~10% slower than
   its default emitters (the same benchmark: 54 -> 48 ms per iteration).
+- **Patient collectives.** The devices of one host share its cores, so on a busy machine
+  one device can reach an all-reduce long after the others; XLA:CPU aborts the process when
+  a collective waits more than 40 s (``Termination timeout for all reduce``, seen on this
+  2-core machine at load 10-18). lmstack waits up to 10 minutes instead.
 
 Each default applies only where the user has not set the same flag in ``XLA_FLAGS``
 (``JAX_NUM_CPU_DEVICES``, where set, overrides the device count in any case);
@@ -21,6 +25,7 @@ import os
 
 _DEVICE_COUNT = "--xla_force_host_platform_device_count"
 _YNN_FUSIONS = "--xla_cpu_experimental_ynn_fusion_type"
+_COLLECTIVE_TIMEOUT = "--xla_cpu_collective_call_terminate_timeout_seconds"
 
 
 def cpu_cores() -> int:
@@ -40,5 +45,7 @@ def apply() -> None:
         extra.append(f"{_DEVICE_COUNT}={cpu_cores()}")
     if _YNN_FUSIONS not in flags:
         extra.append(f"{_YNN_FUSIONS}=")
+    if _COLLECTIVE_TIMEOUT not in flags:
+        extra.append(f"{_COLLECTIVE_TIMEOUT}=600")
     if extra:
         os.environ["XLA_FLAGS"] = " ".join([flags, *extra]).strip()

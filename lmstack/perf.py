@@ -10,8 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Dense (no sparsity) peak FLOP/s per chip, by dtype.
+# Dense (no sparsity) peak FLOP/s per chip, by dtype, matched as a substring of
+# ``device_kind`` in this order (the PCIe H100 before the SXM one that "H100" means).
 DATASHEET = {
+    "H100 PCIe": {"bfloat16": 756e12, "float32": 51e12},
     "H100": {"bfloat16": 989e12, "float32": 67e12},
     "H200": {"bfloat16": 989e12, "float32": 67e12},
     "A100": {"bfloat16": 312e12, "float32": 19.5e12},

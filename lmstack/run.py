@@ -35,6 +35,7 @@ from lmstack.distributed import is_primary, process_rows
 from lmstack.forgetting.parent import parent_streams
 from lmstack.init_from import (InitSource, added_head, inherit, open_parent, parse_init_from, resize_vocab,
                                 with_shapes)
+from lmstack.models.attention_core import attention_platform_problem
 from lmstack.optim import make_optimizer
 from lmstack.runspec import RunSpec, fresh_spec, stream_digest
 from lmstack.sharding import MeshError, batch_sharding, data_parallel_size, make_mesh
@@ -117,6 +118,10 @@ class Run:
 
     def __init__(self, cfg: mlc.ConfigDict, workdir: str | Path, spec: RunSpec, mesh: Mesh):
         self.cfg, self.workdir, self.spec, self.mesh = cfg, Path(workdir), spec, mesh
+        problem = attention_platform_problem(spec.model.get("attention_impl", "xla_einsum"),
+                                             mesh.devices.flat[0].platform)
+        if problem:
+            raise ConfigError(problem)
         self.model_cls = registry.lookup("model", spec.model["name"], "model.name")
         self.make_model, self.model_cfg = build_model_factory(spec.model_section(), vocab_size=spec.vocab_size,
                                                               max_seq_len=cfg.data.seq_len, seed=cfg.train.seed,
@@ -124,12 +129,12 @@ class Run:
         self.make_base_model = build_model_factory(spec.model_section(), vocab_size=spec.vocab_size,
                                                    max_seq_len=cfg.data.seq_len, seed=cfg.train.seed)[0]
         self.peft = peft_method(cfg.peft)
-        self.trainable = trainable_filter(cfg.train, self.peft)
         self.regularizer = registry.lookup("regularization", cfg.regularization.name, "regularization.name")
         self.objective = registry.lookup("objective", cfg.objective.name, "objective.name")(cfg, spec.special_ids)
+        self.trainable = trainable_filter(cfg.train, self.peft, getattr(self.objective, "trainable_types", ()))
         # what adds to the model or fills it once the starting weights are in: the regularizer's
-        # anchors, an objective's reference policy (frozen companions, lmstack.shadow), a PEFT
-        # method initialised from the loaded weights; attach(model, trainable) and/or start(run, state)
+        # anchors, an objective's reference policy (frozen companions, lmstack.shadow) and heads,
+        # a PEFT method initialised from the loaded weights; attach(model, trainable) and/or start(run, state)
         self.extras = tuple(p for p in (self.peft, self.regularizer, self.objective)
                             if hasattr(p, "attach") or hasattr(p, "start"))
         self.make_model = _with_frozen_extras(self.make_model, self.extras, self.trainable)

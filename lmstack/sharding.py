@@ -37,6 +37,7 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("relpos_buckets", None),  # T5 relative-position bias rows (the table is split on 'heads')
     ("projection", None),  # two-tower projection output: small, kept whole
     ("labels", None),  # classification head output (objective.classify): a few classes, kept whole
+    ("value", None),  # a value head's output (objective.ppo): one number, kept whole
     ("norm", None),
     ("layers", None),
     ("lora_rank", None),  # LoRA factors' rank axis: small, kept whole

@@ -126,7 +126,7 @@ def test_unknown_variant_key_names_allowed(exp_dir: Path) -> None:
 def test_experiment_adding_a_key_is_an_error(exp_dir: Path) -> None:
     msg = _error(load_config, "bad_keys")
     assert msg.startswith(f"{exp_dir / 'bad_keys.py'} sets model.dmodel, which model.decoder does not have: "
-                          f"its keys are activation, classifier_pooling, d_ff, d_model, ")
+                          f"its keys are activation, attention_impl, classifier_pooling, d_ff, d_model, ")
 
 
 def test_evaluator_sections_come_from_eval_names(exp_dir: Path) -> None:
@@ -146,7 +146,7 @@ def test_plugin_sections_follow_the_chosen_names(exp_dir: Path) -> None:
     assert "pooling" not in load_config("tiny").model  # the decoder's section has no encoder keys
     msg = _error(load_config, "tiny", ["--config.model.pooling=cls"])
     assert msg.startswith("unknown config key 'model.pooling' (from --config.model.pooling=cls): model.decoder has "
-                          "no key 'pooling'; its keys: activation, classifier_pooling, d_ff, d_model, ")
+                          "no key 'pooling'; its keys: activation, attention_impl, classifier_pooling, d_ff, d_model, ")
 
 
 def test_bad_plugin_options_fail_at_load(exp_dir: Path) -> None:

@@ -1,4 +1,5 @@
-"""lmstack's XLA:CPU defaults: one device per core, no YNN fusions, never over the user's flags."""
+"""lmstack's XLA:CPU defaults: one device per core, no YNN fusions, patient collectives, never over the
+user's flags."""
 
 from __future__ import annotations
 
@@ -14,11 +15,14 @@ from lmstack import cpu_defaults
 @pytest.mark.parametrize(
     "env, expected",
     [
-        ({}, "--xla_force_host_platform_device_count={cores} --xla_cpu_experimental_ynn_fusion_type="),
+        ({}, "--xla_force_host_platform_device_count={cores} --xla_cpu_experimental_ynn_fusion_type="
+             " --xla_cpu_collective_call_terminate_timeout_seconds=600"),
         ({"XLA_FLAGS": "--xla_force_host_platform_device_count=3"},
-         "--xla_force_host_platform_device_count=3 --xla_cpu_experimental_ynn_fusion_type="),
-        ({"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot"},
-         "--xla_cpu_experimental_ynn_fusion_type=dot --xla_force_host_platform_device_count={cores}"),
+         "--xla_force_host_platform_device_count=3 --xla_cpu_experimental_ynn_fusion_type="
+         " --xla_cpu_collective_call_terminate_timeout_seconds=600"),
+        ({"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot --xla_cpu_collective_call_terminate_timeout_seconds=5"},
+         "--xla_cpu_experimental_ynn_fusion_type=dot --xla_cpu_collective_call_terminate_timeout_seconds=5"
+         " --xla_force_host_platform_device_count={cores}"),
         ({"LMSTACK_XLA_DEFAULTS": "0"}, None),
     ],
 )

@@ -68,6 +68,9 @@ def test_smoke_run(name, tmp_path):
 
     steps = cfg.train.steps
     assert summary["start_step"] == 0 and summary["step"] == steps
+    if "reward" in cfg.objective:  # RL: no held-out loss; rewards of sampled completions instead
+        _check_rl_smoke_run(cfg, summary, workdir)
+        return
     assert math.isfinite(summary["eval"]["loss"])
     assert summary["eval"]["perplexity"] == pytest.approx(math.exp(summary["eval"]["loss"]), rel=1e-6)
     if cfg.model.name == "decoder":  # generative models end with a sample; the others have none
@@ -85,12 +88,27 @@ def test_smoke_run(name, tmp_path):
     assert vocab > 0 and json.loads((workdir / "config.json").read_text())["model"]["vocab_size"] == 0
     if cfg.objective.name == "reward_model":  # a fresh score head: equal rewards, -log sigmoid(0)
         assert abs(losses[1] - math.log(2)) < 0.05, losses[1]
+    elif cfg.objective.name == "dpo":  # LoRA's B = 0: the policy is its reference, -log sigmoid(0)
+        assert losses[1] == pytest.approx(math.log(2), rel=1e-6)
+        assert 0.0 <= summary["eval"]["pair_accuracy/accuracy"] <= 1.0
     elif cfg.model.name != "two_tower":
         # A freshly initialised LM predicts nearly uniformly over its vocabulary. (A two-tower
         # model ranks documents, not tokens: its chance level depends on the batch and the
         # initial temperature, so only the decrease below is checked for it.)
         assert abs(losses[1] - math.log(vocab)) < 0.3, (losses[1], math.log(vocab))
     assert losses[steps] < losses[1]
+
+
+def _check_rl_smoke_run(cfg, summary, workdir: Path) -> None:
+    """An RL run logs a mean reward in [0, 1] and a finite loss at every logged step, and its
+    held-out evaluation (eval.rollout_reward) scores greedy completions."""
+    records = [r for r in read_metrics(workdir) if "train/loss" in r]
+    assert records[-1]["step"] == cfg.train.steps
+    for r in records:
+        assert 0.0 <= r["train/reward"] <= 1.0 and math.isfinite(r["train/loss"]) and r["train/rollout_s"] > 0
+    assert 0.0 <= summary["eval"]["rollout_reward/reward"] <= 1.0
+    assert 0 < summary["eval"]["rollout_reward/completion_length"] <= cfg.objective.max_new_tokens
+    assert isinstance(summary["sample"], str)
 
 
 @pytest.mark.shared_data

@@ -20,7 +20,7 @@ def run_steps(cfg, mesh_shape, batches):
     make_model, _ = model_factory(cfg, vocab_size=256)
     tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
     graphdef, state, shardings = init_state(make_model, tx, mesh)
-    objective = registry.lookup("objective", cfg.objective.name)(cfg)
+    objective = registry.lookup("objective", cfg.objective.name)(compose(cfg))
     bsh = batch_sharding(mesh)
     step = compile_train_step(graphdef, tx, schedule, objective, cfg.train.microbatches, shardings, bsh)
     losses = []
@@ -102,7 +102,7 @@ def test_non_param_variables_are_carried_not_trained(batches):
     graphdef, state, shardings = init_state(lambda: WithFrozenPart(mcfg, rngs=nnx.Rngs(params=0)), tx, mesh)
     frozen_before = np.asarray(state["frozen"]["reference_embed"][...])
     params_before = np.asarray(state["params"]["policy"]["embed"][...])
-    objective = registry.lookup("objective", "causal_lm")(cfg)
+    objective = registry.lookup("objective", "causal_lm")(compose(cfg))
     step = compile_train_step(graphdef, tx, schedule, objective, 1, shardings, batch_sharding(mesh))
     with jax.set_mesh(mesh):
         for i, b in enumerate(batches):
@@ -116,7 +116,7 @@ class NanOnMarkedBatches:
     """Causal LM whose loss is NaN on a batch whose first segment id is -1 (a bad batch)."""
 
     def __init__(self, cfg):
-        self.inner = registry.lookup("objective", "causal_lm")(cfg)
+        self.inner = registry.lookup("objective", "causal_lm")(compose(cfg))
 
     def loss_fn(self, model, batch, rng):
         loss, aux = self.inner.loss_fn(model, batch, rng)

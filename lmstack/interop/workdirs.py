@@ -82,7 +82,8 @@ def export_workdir(workdir: str | Path, fmt: str, out: str | Path, *, qtype: str
                    step: int | None = None) -> Path:
     """Write the run in ``workdir`` as ``fmt`` (hf | gguf | peft) to ``out``; returns ``out``.
     A LoRA run's adapters are merged into the base weights for hf and gguf (PEFT's
-    ``merge_and_unload``); ``peft`` writes the adapters alone."""
+    ``merge_and_unload``); ``peft`` writes the adapters alone. An objective's own heads (PPO's
+    value head) are left out: the export is the policy, as TRL saves it."""
     from lmstack.run import Run
     from lmstack.sharding import make_mesh
 
@@ -100,7 +101,9 @@ def export_workdir(workdir: str | Path, fmt: str, out: str | Path, *, qtype: str
                               f"peft.name={run.cfg.peft.name!r}: export it with --format hf or gguf")
         return export_peft(model, run.model_cfg, LoraSpec.from_section(run.cfg.peft), out)
     merge_lora(model)
-    params = jax.device_get(nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))))
+    # the policy alone: not an objective's own heads (PPO's value head, its trainable_types)
+    heads = tuple(getattr(run.objective, "trainable_types", ()))
+    params = jax.device_get(nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam), nnx.Not(heads))))
     if fmt == "gguf":
         from lmstack.interop.gguf import export_gguf
 

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lmstack.models.attention_core import check_attention_impl
 from lmstack.models.encoder import check_choice
 from lmstack.models.layers import (
     ACTIVATIONS,
@@ -74,6 +75,7 @@ class DecoderConfig:
     dtype: str = "float32"
     remat: str = "none"
     scan_unroll: int = 1
+    attention_impl: str = "xla_einsum"  # xla_einsum | dot_product | cudnn (lmstack.models.attention_core)
     activation: str = ""  # "": from style (llama -> swiglu, gpt2 -> gelu) | any of layers.ACTIVATIONS
     qkv_bias: bool = False  # biases on the q/k/v projections only (Qwen2)
     rope_scaling: str = ""  # "" | llama3 (Llama 3.1, with the four fields below; HF rope_scaling names)
@@ -91,6 +93,7 @@ class DecoderConfig:
         check_choice("classifier_pooling", self.classifier_pooling, POOLINGS, "decoder")
         if self.rope_scaling:  # empty: none
             check_choice("rope_scaling", self.rope_scaling, ROPE_SCALINGS, "decoder")
+        check_attention_impl(self.attention_impl, self.dtype, self.head_dim, "decoder")
 
     @property
     def mlp_activation(self) -> str:
@@ -135,6 +138,7 @@ class DecoderConfig:
             dtype=m.dtype,
             remat=m.remat,
             scan_unroll=m.scan_unroll,
+            attention_impl=m.get("attention_impl", "xla_einsum"),  # specs saved before the key lack it
             activation=m.activation or STYLE_ACTIVATIONS[m.style],
             qkv_bias=m.qkv_bias,
             rope_scaling=m.rope_scaling,
@@ -167,16 +171,18 @@ class Block(nnx.Module):
         else:
             self.attn_norm = LayerNorm(cfg.d_model, cfg.norm_eps, cfg.use_bias)
             self.mlp_norm = LayerNorm(cfg.d_model, cfg.norm_eps, cfg.use_bias)
-        self.attn = Attention(cfg, rngs=rngs, qkv_bias=cfg.qkv_bias, rope_scaling=cfg.rope_scaling_params())
+        self.attn = Attention(cfg, rngs=rngs, qkv_bias=cfg.qkv_bias, rope_scaling=cfg.rope_scaling_params(),
+                              sliding_window=cfg.sliding_window)
         self.mlp = MLP(cfg, rngs=rngs, activation=cfg.mlp_activation)
         self.dropout_rate = cfg.dropout
         # bottleneck adapters on each sublayer's output, set by lmstack.peft.adapter
         self.attn_adapter: nnx.Module | None = nnx.data(None)
         self.mlp_adapter: nnx.Module | None = nnx.data(None)
 
-    def __call__(self, x_btd, doc_pos_bt, mask_b1ts, kv, cache_index, rng):
+    def __call__(self, x_btd, doc_pos_bt, mask_b1ts, kv, cache_index, rng, causal=False):
         r_attn, r_mlp = jax.random.split(rng) if rng is not None else (None, None)
-        h, kv = self.attn(self.attn_norm(x_btd), doc_pos_bt, mask_b1ts, kv, cache_index, rng=adapter_key(r_attn))
+        h, kv = self.attn(self.attn_norm(x_btd), doc_pos_bt, mask_b1ts, kv, cache_index, rng=adapter_key(r_attn),
+                          causal=causal)
         h = dropout(h, self.dropout_rate, r_attn)
         x_btd = x_btd + (h if self.attn_adapter is None else self.attn_adapter(h))
         h = dropout(self.mlp(self.mlp_norm(x_btd), adapter_key(r_mlp)), self.dropout_rate, r_mlp)
@@ -274,10 +280,20 @@ class Decoder(nnx.Module):
         """
         x, cache = self.hidden(tokens_bt, inputs_embeds=inputs_embeds, positions=positions, segment_ids=segment_ids,
                                prefix_mask=prefix_mask, cache=cache, rng=rng)
-        head = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
-        logits = dense(x, head.astype(x.dtype), out_dtype=jnp.float32)
-        logits = constrain(logits, ("batch", "activation_length", "activation_vocab"))
+        logits = self.logits(x)
         return logits if cache is None else (logits, cache)
+
+    def output_head(self) -> Array:
+        """The float32 ``(d_model, vocab)`` matrix the final hidden states are multiplied by:
+        ``lm_head``, or the embedding table transposed when the embeddings are tied (HF
+        ``get_output_embeddings``). Losses that chunk the logits (:mod:`lmstack.token_logps`)
+        take it with :meth:`hidden`."""
+        return self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+
+    def logits(self, x_btd: Array) -> Array:
+        """Float32 logits (b, t, vocab) of final hidden states (b, t, d) from :meth:`hidden`."""
+        logits = dense(x_btd, self.output_head().astype(x_btd.dtype), out_dtype=jnp.float32)
+        return constrain(logits, ("batch", "activation_length", "activation_vocab"))
 
     def features(self, tokens_bt: Array, segment_ids_bt: Array) -> Array:
         """One float32 vector per row: the final hidden states averaged over the tokens
@@ -312,9 +328,14 @@ class Decoder(nnx.Module):
         seg_q = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
         if cache is not None and "left_pad" in cache:
             seg_q, doc_pos = self.skip_left_padding(row_q, cache["left_pad"], positions)
+        # causal: no query sees a later key of its row (a kernel may skip those blocks);
+        # mask None: nothing but that (one document per row), so a kernel need not read a mask
+        causal = cache is None and prefix_mask is None
         if cache is None:
-            mask = attention_mask(seg_q, seg_q, row_q, row_q, q_prefix_bt=prefix_mask, k_prefix_bs=prefix_mask,
-                                  sliding_window=c.sliding_window)
+            mask = None
+            if segment_ids is not None or prefix_mask is not None or self.soft_prompt is not None:
+                mask = attention_mask(seg_q, seg_q, row_q, row_q, q_prefix_bt=prefix_mask, k_prefix_bs=prefix_mask,
+                                      sliding_window=c.sliding_window)
             kv_in, k_valid = None, None
         else:
             s = cache["k"].shape[2]
@@ -342,7 +363,7 @@ class Decoder(nnx.Module):
         layer_rngs = None if rng is None else jax.random.split(rng, c.n_layers)
 
         def body(x_btd, block, kv, layer_rng):
-            return block(x_btd, doc_pos, mask, kv, start, layer_rng)
+            return block(x_btd, doc_pos, mask, kv, start, layer_rng, causal)
 
         if c.remat != "none":
             body = nnx.remat(body, policy=REMAT_POLICIES[c.remat], prevent_cse=False)

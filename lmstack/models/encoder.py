@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lmstack.models.attention_core import check_attention_impl
 from lmstack.models.layers import (
     ACTIVATIONS,
     MLP,
@@ -133,6 +134,7 @@ class EncoderConfig:
     dtype: str = "float32"
     remat: str = "none"
     scan_unroll: int = 1
+    attention_impl: str = "xla_einsum"  # xla_einsum | dot_product | cudnn (lmstack.models.attention_core)
     num_labels: int = 0  # > 0: a sequence-classification head ``classifier`` (HF BertForSequenceClassification)
     classifier_pooling: str = "cls"  # which vector the head reads: cls (BERT) | mean | last
 
@@ -147,6 +149,7 @@ class EncoderConfig:
         check_choice("activation", self.activation, tuple(ACTIVATIONS), family)
         check_choice("pooling", self.pooling, POOLINGS, family)
         check_choice("classifier_pooling", self.classifier_pooling, POOLINGS, family)
+        check_attention_impl(self.attention_impl, self.dtype, self.head_dim, family)
 
     @classmethod
     def from_config(cls, m: Any, *, vocab_size: int, max_seq_len: int) -> "EncoderConfig":
@@ -187,6 +190,7 @@ class EncoderConfig:
             dtype=m.dtype,
             remat=m.remat,
             scan_unroll=m.scan_unroll,
+            attention_impl=m.get("attention_impl", "xla_einsum"),  # specs saved before the key lack it
             # only model.encoder has a head (the two towers lack the keys), and specs saved before it none
             num_labels=m.get("num_labels", 0),
             classifier_pooling=m.get("classifier_pooling", "cls"),

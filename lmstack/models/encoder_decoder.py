@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lmstack.models.encoder import Encoder, EncoderConfig, check_choice, derive_d_ff, style_default
+from lmstack.models.attention_core import check_attention_impl
 from lmstack.models.layers import (
     ACTIVATIONS,
     MLP,
@@ -88,11 +89,13 @@ class EncoderDecoderConfig:
     dtype: str = "float32"
     remat: str = "none"
     scan_unroll: int = 1
+    attention_impl: str = "xla_einsum"  # xla_einsum | dot_product | cudnn (lmstack.models.attention_core)
 
     def __post_init__(self):
         check_choice("positions", self.positions, POSITIONS, "encoder_decoder")
         check_choice("norm", self.norm, NORMS, "encoder_decoder")
         check_choice("activation", self.activation, tuple(ACTIVATIONS), "encoder_decoder")
+        check_attention_impl(self.attention_impl, self.dtype, self.head_dim, "encoder_decoder")
 
     @classmethod
     def from_config(cls, m: Any, *, vocab_size: int, max_seq_len: int) -> "EncoderDecoderConfig":
@@ -125,6 +128,7 @@ class EncoderDecoderConfig:
             dtype=m.dtype,
             remat=m.remat,
             scan_unroll=m.scan_unroll,
+            attention_impl=m.get("attention_impl", "xla_einsum"),  # specs saved before the key lack it
         )
 
     def encoder_config(self) -> EncoderConfig:
@@ -136,7 +140,7 @@ class EncoderDecoderConfig:
             activation=self.activation, mlm_head=False, use_bias=self.use_bias, dropout=self.dropout,
             rope_theta=self.rope_theta, relpos_buckets=self.relpos_buckets,
             relpos_max_distance=self.relpos_max_distance, norm_eps=self.norm_eps, init_std=self.init_std,
-            dtype=self.dtype, remat=self.remat, scan_unroll=self.scan_unroll,
+            dtype=self.dtype, remat=self.remat, scan_unroll=self.scan_unroll, attention_impl=self.attention_impl,
         )
 
     def flops_per_token(self, seq_len: int, decoder_len: int | None = None) -> float:
@@ -174,7 +178,7 @@ class DecoderBlock(nnx.Module):
     def __call__(self, x_btd, encoded_bsd, doc_pos_bt, self_mask, cross_mask, has_context_bt1, self_bias, rng):
         r_self, r_cross, r_mlp = jax.random.split(rng, 3) if rng is not None else (None, None, None)
         h, _ = self.self_attn(self.self_norm(x_btd), doc_pos_bt, self_mask, None, None, bias_bnts=self_bias,
-                              rng=adapter_key(r_self))
+                              rng=adapter_key(r_self), causal=True)
         x_btd = x_btd + dropout(h, self.dropout_rate, r_self)
         h, _ = self.cross_attn(self.cross_norm(x_btd), doc_pos_bt, cross_mask, None, None, context_bsd=encoded_bsd,
                                rng=adapter_key(r_cross))

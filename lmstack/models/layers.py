@@ -16,7 +16,9 @@ import flax
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
+from lmstack.models.attention_core import ATTENTION_IMPLS, attention_core, causal_mask
 from lmstack.models.projection import Projection, dense, param, zeros_param  # noqa: F401 (re-exported)
 from lmstack.sharding import constrain
 
@@ -46,15 +48,17 @@ TRANSFORMER_DEFAULTS: dict[str, Any] = dict(
     norm_eps=1e-5,
     init_std=0.02,
     dtype="float32",  # compute dtype: float32 | bfloat16 (parameters stay float32)
-    remat="none",  # none | full | dots (save matmul outputs, recompute the rest)
+    remat="none",  # none | full | dots | projections (see REMAT_POLICIES)
+    attention_impl="xla_einsum",  # xla_einsum | dot_product | cudnn (see lmstack.models.attention_core)
     # Layers per iteration of the layer scan: 1 keeps compile time flat in depth; n_layers
     # unrolls fully, which XLA:CPU runs ~2x faster in the backward pass.
     scan_unroll=1,
 )
 # Keys that change how a model runs but not what its weights mean: a run started from
 # another (init.from) may set them freely.
-WEIGHT_FREE_KEYS = ("dropout", "dtype", "remat", "scan_unroll", "init_std", "classifier_pooling")
-TRANSFORMER_CHOICES = {"style": ("llama", "gpt2"), "dtype": ("float32", "bfloat16"), "remat": ("none", "full", "dots")}
+WEIGHT_FREE_KEYS = ("dropout", "dtype", "remat", "scan_unroll", "init_std", "classifier_pooling", "attention_impl")
+TRANSFORMER_CHOICES = {"style": ("llama", "gpt2"), "dtype": ("float32", "bfloat16"),
+                       "remat": ("none", "full", "dots", "projections"), "attention_impl": ATTENTION_IMPLS}
 
 
 class RMSNorm(nnx.Module):
@@ -235,24 +239,6 @@ class RelativePositionBias(nnx.Module):
         return constrain(jnp.transpose(bias_btsn, (0, 3, 1, 2)), ("batch", "activation_heads", None, None))
 
 
-def dot_product_attention(q_btnh: Array, k_bskh: Array, v_bskh: Array, mask_b1ts: Array,
-                          bias_bnts: Array | None = None) -> Array:
-    """Grouped-query attention with softmax in float32; k divides n. ``bias`` (batch 1 or b,
-    float32) is added to the scaled logits, e.g. a relative position bias."""
-    b, t, n, h = q_btnh.shape
-    k = k_bskh.shape[2]
-    s = k_bskh.shape[1]
-    q_btkgh = q_btnh.reshape(b, t, k, n // k, h)
-    logits = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh, preferred_element_type=jnp.float32)
-    logits = logits / math.sqrt(h)
-    if bias_bnts is not None:
-        logits = logits + bias_bnts.astype(jnp.float32).reshape(-1, k, n // k, t, s)
-    logits = jnp.where(mask_b1ts[:, :, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v_bskh.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh)
-    return out.reshape(b, t, n, h)
-
-
 class Attention(nnx.Module):
     """Multi-head attention with optional grouped KV heads, RoPE and a KV cache.
 
@@ -263,11 +249,16 @@ class Attention(nnx.Module):
 
     Biases: ``cfg.use_bias`` puts one on every projection (GPT-2, BERT); ``qkv_bias`` on the
     query, key and value projections only (Qwen2). ``rope_scaling`` rescales the RoPE
-    frequencies (Llama 3.1).
+    frequencies (Llama 3.1). ``sliding_window`` is the window a causal caller's mask holds
+    (Mistral; 0: none), which the core needs where the mask is left out (``mask`` None).
+
+    The core runs by ``cfg.attention_impl`` (:mod:`lmstack.models.attention_core`). The
+    projection outputs and the attention output carry :data:`PROJECTION_CHECKPOINTS` names
+    (``jax.ad_checkpoint.checkpoint_name``) for the ``projections`` remat policy.
     """
 
     def __init__(self, cfg: Any, *, rngs: nnx.Rngs, use_rope: bool | None = None, out_std: float | None = None,
-                 qkv_bias: bool = False, rope_scaling: Llama3RopeScaling | None = None):
+                 qkv_bias: bool = False, rope_scaling: Llama3RopeScaling | None = None, sliding_window: int = 0):
         d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         if out_std is None:
             out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
@@ -282,38 +273,51 @@ class Attention(nnx.Module):
         self.rope_theta = cfg.rope_theta
         self.rope_scaling = rope_scaling
         self.dtype = jnp.dtype(cfg.dtype)
+        self.attention_impl = cfg.attention_impl
+        self.sliding_window = sliding_window
         # (n_virtual, k, h) keys and values every query also sees, set by lmstack.peft.prefix_tuning
         self.prefix_k: nnx.Param | None = nnx.data(None)
         self.prefix_v: nnx.Param | None = nnx.data(None)
 
-    def __call__(self, x_btd: Array, doc_pos_bt: Array, mask_b1ts: Array, kv: tuple[Array, Array] | None,
+    def __call__(self, x_btd: Array, doc_pos_bt: Array, mask_b1ts: Array | None, kv: tuple[Array, Array] | None,
                  cache_index: Array | None, *, context_bsd: Array | None = None,
-                 bias_bnts: Array | None = None, rng: Array | None = None) -> tuple[Array, tuple[Array, Array] | None]:
+                 bias_bnts: Array | None = None, rng: Array | None = None,
+                 causal: bool = False) -> tuple[Array, tuple[Array, Array] | None]:
         """Attend from ``x`` to itself, or to ``context`` (cross-attention: no RoPE, no cache).
         ``bias`` is an additive float32 logit bias (relative positions); ``rng`` feeds the
-        projections' adapter dropout (None: deterministic)."""
+        projections' adapter dropout (None: deterministic). ``causal``: the mask never lets a
+        query see a later key of its row; ``mask`` None: exactly causal within
+        ``sliding_window`` (see :func:`~lmstack.models.attention_core.attention_core`)."""
         dt = self.dtype
         src_bsd = x_btd if context_bsd is None else context_bsd
         if context_bsd is not None and (self.use_rope or kv is not None):
             raise ValueError("cross-attention (context_bsd) takes no RoPE and no KV cache: "
                              "build it with use_rope=False and call it without kv")
         rq, rk, rv, ro = (None,) * 4 if rng is None else jax.random.split(rng, 4)
-        q = self.q(x_btd, rng=rq)  # (b, t, n, h)
-        k = self.k(src_bsd, rng=rk)  # (b, s, k, h)
-        v = self.v(src_bsd, rng=rv)
+        q = checkpoint_name(self.q(x_btd, rng=rq), "query_proj")  # (b, t, n, h)
+        k = checkpoint_name(self.k(src_bsd, rng=rk), "key_proj")  # (b, s, k, h)
+        v = checkpoint_name(self.v(src_bsd, rng=rv), "value_proj")
         if self.use_rope:
             q = rope(q, doc_pos_bt, self.rope_theta, self.rope_scaling)
             k = rope(k, doc_pos_bt, self.rope_theta, self.rope_scaling)
         q = constrain(q, ("batch", "activation_length", "activation_heads", None))
+        impl = self.attention_impl
         if kv is not None:  # decoding: write this chunk into the cache, attend to all of it
             k_cache, v_cache = kv
             k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, axis=1)
             kv = (k, v)
+            causal = False  # the cache's keys are not aligned with this chunk's queries
+            impl = "dot_product" if impl == "cudnn" else impl
         if self.prefix_k is not None and context_bsd is None:
+            if mask_b1ts is None:
+                mask_b1ts = causal_mask(x_btd.shape[1], self.sliding_window)
             k, v, mask_b1ts, bias_bnts = self.prepend_prefix(k, v, mask_b1ts, bias_bnts)
-        out = dot_product_attention(q, k.astype(dt), v.astype(dt), mask_b1ts, bias_bnts)
-        y = self.o(out, rng=ro)
+            causal = False  # every query sees the prefix keys in front of the row
+        out = attention_core(q, k.astype(dt), v.astype(dt), mask_b1ts, bias_bnts, impl=impl, causal=causal,
+                             sliding_window=self.sliding_window)
+        out = checkpoint_name(out, "context")
+        y = checkpoint_name(self.o(out, rng=ro), "out_proj")
         return y, kv
 
     def prepend_prefix(self, k_bskh: Array, v_bskh: Array, mask_b1ts: Array,
@@ -374,13 +378,13 @@ class MLP(nnx.Module):
 
     def __call__(self, x_btd: Array, rng: Array | None = None) -> Array:
         r_gate, r_up, r_down = (None,) * 3 if rng is None else jax.random.split(rng, 3)
-        h = self.up(x_btd, rng=r_up)
+        h = checkpoint_name(self.up(x_btd, rng=r_up), "mlp_up")
         if self.gated:
-            h = self.act(self.gate(x_btd, rng=r_gate)) * h
+            h = self.act(checkpoint_name(self.gate(x_btd, rng=r_gate), "mlp_gate")) * h
         else:
             h = self.act(h)
         h = constrain(h, ("batch", "activation_length", "mlp"))
-        return self.down(h, rng=r_down)
+        return checkpoint_name(self.down(h, rng=r_down), "mlp_down")
 
 
 POOLINGS = ("mean", "cls", "last")
@@ -414,7 +418,18 @@ def dropout(x: Array, rate: float, rng: Array | None) -> Array:
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
+# The names Attention and MLP give their matmul outputs (MaxText's names for the attention ones).
+PROJECTION_CHECKPOINTS = ("query_proj", "key_proj", "value_proj", "context", "out_proj", "mlp_gate", "mlp_up",
+                          "mlp_down")
+# model.remat -> what a block keeps for the backward pass (none: everything, no rematerialisation).
+# full: only the block's input, the whole block runs again. dots: every matmul without batch
+# dimensions, i.e. the projections (``dense`` folds them into 2-D matmuls; LoRA's inner
+# products too), not the attention einsums. projections: the named projection outputs and
+# the attention output (PROJECTION_CHECKPOINTS): norms, RoPE and activations are recomputed,
+# and the attention core again for the residuals its own backward needs (the probabilities;
+# cuDNN's log-sum-exp), but no projection is.
 REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "projections": jax.checkpoint_policies.save_only_these_names(*PROJECTION_CHECKPOINTS),
 }

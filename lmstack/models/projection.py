@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lmstack.models.mixed_precision import einsum_f32
 from lmstack.peft.nf4 import NF4Tensor, dequantize_nf4
 
 Array = jax.Array
@@ -41,13 +42,18 @@ def zeros_param(shape: tuple[int, ...], names: tuple[str, ...]) -> nnx.Param:
 
 
 def dense(x: Array, w: Array, out_dtype: jnp.dtype | None = None, n_in: int = 1) -> Array:
-    """``x[..., *in] @ w[*in, *out]`` over the last ``n_in`` axes of ``x``, as one 2-D matmul.
+    """``x[..., *in] @ w[*in, *out]`` over the last ``n_in`` axes of ``x``, as one 2-D matmul
+    (``out_dtype`` float32: accumulated and kept in float32, :func:`einsum_f32`).
     Folding the leading dims into one keeps XLA:CPU on its GEMM path in the backward pass,
     where a 3-D dot fused with an elementwise producer otherwise runs several times slower."""
     in_shape = x.shape[x.ndim - n_in:]
     k = math.prod(in_shape)
     out = w.shape[n_in:]
-    y = jnp.matmul(x.reshape(-1, k), w.reshape(k, -1), preferred_element_type=out_dtype)
+    x2, w2 = x.reshape(-1, k), w.reshape(k, -1)
+    if out_dtype is not None and jnp.dtype(out_dtype) == jnp.float32 and x2.dtype != jnp.float32:
+        y = einsum_f32("mk,kn->mn", x2, w2)  # e.g. bf16 logits kept in float32, with bf16 gradients
+    else:
+        y = jnp.matmul(x2, w2, preferred_element_type=out_dtype)
     return y.reshape(*x.shape[: x.ndim - n_in], *out)
 
 

@@ -7,6 +7,7 @@ from lmstack.objectives import (  # noqa: F401
     dpo,
     grpo,
     mlm,
+    ppo,
     prefix_lm,
     reward_model,
     sft,

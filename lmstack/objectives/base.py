@@ -23,6 +23,10 @@ trainer, evaluators and benchmarks use only this interface:
 - ``config_defaults`` (class attribute): the objective's own keys of ``config.objective``
   with their defaults, and ``config_choices``: the allowed values of its string keys. The
   loader composes the section from them, so a key the objective lacks is an error.
+- ``trainable_types`` (class attribute, optional): ``nnx.Param`` subclasses of parameters
+  the objective adds to the model (in ``attach``) that are always trained, whatever
+  ``train.trainable`` or the PEFT method select (PPO's value head;
+  :func:`lmstack.peft.base.trainable_filter`).
 - ``special_tokens(cfg)`` (classmethod): the names of the ids the objective reserves beyond
   the tokenizer's vocabulary (T5 sentinels ``<extra_id_N>``, ``[MASK]``, UL2 mode tokens).
   The run spec assigns them once (:mod:`lmstack.runspec`) and the objective is built with

@@ -47,7 +47,7 @@ from lmstack.objectives.preference_data import (
     encode_unpaired,
 )
 from lmstack.objectives.reference import ReferencePolicy
-from lmstack.preference.logps import sequence_logps
+from lmstack.preference.logps import hidden_token_logps
 from lmstack.preference.losses import LOSS_TYPES, REFERENCE_FREE, check_loss_options, kto_loss, preference_loss
 from lmstack.registry import names, register
 
@@ -55,16 +55,19 @@ PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "reward
 
 
 def reply_logps(model: Any, batch: Mapping[str, jax.Array], sequences: Sequence[str],
-                rng: jax.Array | None = None) -> list[tuple[jax.Array, jax.Array]]:
+                rng: jax.Array | None = None, *, chunk: int = 0) -> list[tuple[jax.Array, jax.Array]]:
     """``(summed log-probs, completion lengths)``, float32 ``[b]`` each, of every sequence
     ``NAME`` in ``sequences`` (``NAME_tokens`` etc. of the batch), through one model call of
-    ``len(sequences) * b`` rows: position ``t``'s logits score token ``t + 1`` where its mask is 1."""
+    ``len(sequences) * b`` rows: position ``t``'s logits score token ``t + 1`` where its mask is 1;
+    ``chunk`` > 0 computes the logits that many positions at a time (``objective.loss_chunk``)."""
     b = batch[f"{sequences[0]}_tokens"].shape[0]
     cat = {k: jnp.concatenate([batch[f"{s}_{k}"] for s in sequences]) for k in ("tokens", "mask", "segment_ids",
                                                                                "positions")}
-    logits = model(cat["tokens"][:, :-1], positions=cat["positions"][:, :-1], segment_ids=cat["segment_ids"][:, :-1],
-                   rng=rng)
-    logps, lengths = sequence_logps(logits, cat["tokens"][:, 1:], cat["mask"][:, 1:])
+    hidden, _ = model.hidden(cat["tokens"][:, :-1], positions=cat["positions"][:, :-1],
+                             segment_ids=cat["segment_ids"][:, :-1], rng=rng)
+    mask = cat["mask"][:, 1:]
+    logps = jnp.sum(hidden_token_logps(model, hidden, cat["tokens"][:, 1:], mask, chunk=chunk), axis=-1)
+    lengths = jnp.sum(mask.astype(jnp.float32), axis=-1)
     return [(logps[i * b:(i + 1) * b], lengths[i * b:(i + 1) * b]) for i in range(len(sequences))]
 
 
@@ -81,6 +84,7 @@ class DPO:
         gamma=0.0,  # SimPO's target margin (TRL's simpo_gamma; the SimPO repo's gamma_beta_ratio = gamma / beta)
         desirable_weight=1.0,  # KTO's lambda_D
         undesirable_weight=1.0,  # KTO's lambda_U
+        loss_chunk=0,  # > 0: log-probs that many positions at a time, never the full (2b, T, vocab) logits
     )
     config_choices = {"loss_type": LOSS_TYPES}
 
@@ -156,8 +160,10 @@ class DPO:
     # --- the loss ------------------------------------------------------------------
 
     def _logps(self, model: Any, batch: Mapping[str, jax.Array], rng: jax.Array | None):
-        policy = reply_logps(model, batch, self.sequences, rng)
-        ref = reply_logps(self.reference.model(model), batch, self.sequences) if self.uses_reference else None
+        chunk = self.cfg.objective.loss_chunk
+        policy = reply_logps(model, batch, self.sequences, rng, chunk=chunk)
+        ref = (reply_logps(self.reference.model(model), batch, self.sequences, chunk=chunk)
+               if self.uses_reference else None)
         return policy, ref
 
     def pair_rewards(self, model: Any, batch: Mapping[str, jax.Array], rng: jax.Array | None = None

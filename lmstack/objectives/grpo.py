@@ -1,11 +1,7 @@
 """GRPO (Shao et al. 2024, DeepSeekMath) and its relatives, with rollouts inside the trainer.
 
-Records are conversations whose last message is the reference answer (``data.source`` =
-``prompt_completion``, ``sharegpt``, ``alpaca``, e.g. GSM8K's ``question`` / ``answer`` as
-``data.prompt_field`` / ``data.completion_field``). The prompt is the conversation before
-that answer rendered with ``objective.chat_template`` and the generation prompt (as
-:mod:`lmstack.objectives.sft` renders), cut to nothing: a prompt longer than
-``objective.max_prompt_len`` tokens is a DataError naming the record.
+Prompts with their reference answers as :mod:`lmstack.objectives.rollout_data` reads them
+(a prompt longer than ``objective.max_prompt_len`` tokens is a DataError naming the record).
 
 Each training step (``train.batch_size`` prompts):
 
@@ -30,73 +26,35 @@ update reuses rollouts. Rollouts draw their randomness from ``(train.seed, step)
 prompts come from the checkpointed iterator, so a resumed run collects exactly what the
 uninterrupted one did.
 
-Collected batches (``B * G`` rows, row ``r`` = sample ``r % G`` of prompt ``r // G``):
-``tokens`` int32 (rows, P + N) (prompt left-padded to P = ``max_prompt_len``, then the N =
-``max_new_tokens`` completion tokens), ``segment_ids`` (1 on real tokens), ``positions``
-(from 0 at each row's first real token), ``completion_mask`` (rows, N) and ``advantages`` (rows,).
+Collected batches (``B * G`` rows, row ``r`` = sample ``r % G`` of prompt ``r // G``): the rows
+of :func:`lmstack.objectives.rollout_data.sequences` and ``advantages`` (rows,).
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from lmstack.data.chat import resolve_template
-from lmstack.data.formats import Conversation, is_format, record_type
-from lmstack.data.labelled import shuffled_batches
-from lmstack.data.sources import DataError
-from lmstack.data.tokenizers import Tokenizer
 from lmstack.distributed import global_batch
-from lmstack.objectives.reference import ReferencePolicy
-from lmstack.objectives.sft import render
-from lmstack.preference.logps import token_logps
-from lmstack.registry import names, register
+from lmstack.objectives.rollout_data import ROLLOUT_DEFAULTS, RolloutObjective, completion_logps, sequences
+from lmstack.registry import register
 from lmstack.rl.advantages import ADVANTAGE_STDS, group_advantages
 from lmstack.rl.aggregation import LOSS_AGGREGATIONS, aggregate
 from lmstack.rl.kl import KL_ESTIMATORS, kl_estimate
 from lmstack.rl.policy_loss import clipped_surrogate_loss, clipped_tokens
-from lmstack.rl.rewards import reward_fn
-from lmstack.rollout import sample_rollouts
-
-
-class Prompts:
-    """Encoded prompts, one per row: ``tokens`` int32 (n, P) left-padded, ``lengths`` (n,);
-    :meth:`rows` gives a batch with each row's ``record`` index (its answer)."""
-
-    def __init__(self, examples: Sequence[dict], max_prompt_len: int, pad_id: int):
-        self.lengths = np.array([len(e["tokens"]) for e in examples], np.int32)
-        self.tokens = np.full((len(examples), max_prompt_len), pad_id, np.int32)
-        for r, e in enumerate(examples):
-            self.tokens[r, max_prompt_len - self.lengths[r]:] = e["tokens"]
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def rows(self, index: np.ndarray) -> dict[str, np.ndarray]:
-        return {"prompt_tokens": self.tokens[index], "prompt_lengths": self.lengths[index],
-                "record": np.asarray(index, np.int32)}
 
 
 @register("objective.grpo")
-class GRPO:
+class GRPO(RolloutObjective):
     """Group Relative Policy Optimisation on prompts with checkable answers (module docstring)."""
 
-    exact_microbatches = True
     config_defaults = dict(
-        chat_template="",  # as objective.sft: "" the tokenizer's own; chatml | llama3 | none | a Jinja template
+        ROLLOUT_DEFAULTS,
         num_generations=4,  # G: completions sampled per prompt
-        max_prompt_len=64,  # the rollout budget for prompts (tokens)
-        max_new_tokens=32,
-        temperature=1.0,
-        top_k=0,
-        top_p=1.0,
-        stop="",  # comma-separated texts of one token each that end a completion (the eos always does)
-        reward="exact_match",  # a registered reward: exact_match | gsm8k_strict | gsm8k_flexible
         advantage_std="unbiased",  # unbiased (DeepSeekMath, TRL) | population | none (Dr. GRPO)
         advantage_eps=1e-4,  # TRL's; verl uses 1e-6
         loss_aggregation="seq_mean_token_mean",  # GRPO paper | token_mean (DAPO) | fixed_denominator (Dr. GRPO)
@@ -108,119 +66,16 @@ class GRPO:
     config_choices = {"advantage_std": ADVANTAGE_STDS, "loss_aggregation": LOSS_AGGREGATIONS,
                       "kl_estimator": KL_ESTIMATORS}
 
-    def __init__(self, cfg: Any, special_ids: Mapping[str, int] | None = None):
-        self.cfg = cfg
-        self.reference = ReferencePolicy(cfg)
-        self.reward = reward_fn(cfg.objective.reward)
-        self.answers: dict[str, list[str]] = {}
-        self.prompts: dict[str, Prompts] = {}
-
-    @classmethod
-    def special_tokens(cls, cfg: Any) -> tuple[str, ...]:
-        return ()
-
     @classmethod
     def config_problems(cls, cfg: Any) -> list[str]:
         """Settings this objective cannot train with, found at load time."""
-        o, out = cfg.objective, []
-        source = cfg.data.source
-        if not is_format(source) or record_type(source) is not Conversation:
-            chats = ", ".join(n for n in names("format") if record_type(n) is Conversation)
-            out.append(f"objective.name=grpo reads prompts with their answers, but data.source={source!r} gives "
-                       f"{'labelled texts' if is_format(source) else 'documents'}: set --config.data.source to one "
-                       f"of {chats} and --config.data.path=FILE")
+        o, out = cfg.objective, RolloutObjective.config_problems(cfg)
         if o.num_generations < 2:
             out.append(f"objective.num_generations={o.num_generations}: group-relative advantages need at least 2 "
                        f"completions per prompt: set --config.objective.num_generations=2 or more")
-        for key in ("max_prompt_len", "max_new_tokens"):
-            if o[key] < 1:
-                out.append(f"objective.{key}={o[key]}: must be at least 1")
-        if o.reward not in names("reward"):
-            out.append(f"objective.reward={o.reward!r} is not a registered reward: choose one of "
-                       f"{', '.join(names('reward'))}")
-        if not 0 <= o.epsilon_low < 1 or o.epsilon_high < 0:
-            out.append(f"objective.epsilon_low={o.epsilon_low}, epsilon_high={o.epsilon_high}: need 0 <= low < 1 "
-                       f"and high >= 0")
-        if cfg.model.name != "decoder":
-            out.append(f"objective.name=grpo samples with a KV cache: use model.name=decoder, not {cfg.model.name!r}")
         return out
-
-    # --- data ------------------------------------------------------------------------
-
-    @classmethod
-    def encode_records(cls, cfg: Any, tokenizer: Tokenizer, records: Sequence[Conversation],
-                       split: str) -> tuple[list[dict], list[str]]:
-        """Each record's prompt tokens (the conversation before its last message, rendered with
-        the generation prompt) and its answer (the last message's text). DataError for a record
-        that does not end with an assistant answer or whose prompt exceeds ``max_prompt_len``."""
-        o = cfg.objective
-        template = resolve_template(o.chat_template, tokenizer, key="objective.chat_template")
-        out = []
-        for r in records:
-            if len(r.messages) < 2 or r.messages[-1]["role"] != "assistant":
-                raise DataError(f"{r.where}: a GRPO record is a prompt and its reference answer, the last message "
-                                f"from the assistant: fix the record")
-            ids = tokenizer.encode(render(template, r.messages[:-1], tokenizer, add_generation_prompt=True))
-            if len(ids) > o.max_prompt_len:
-                raise DataError(f"{r.where}: the prompt has {len(ids)} tokens, more than the rollout budget "
-                                f"objective.max_prompt_len={o.max_prompt_len}: raise it or shorten the prompt")
-            out.append({"tokens": np.asarray(ids, np.int32), "answer": r.messages[-1]["content"]})
-        lengths = [len(e["tokens"]) for e in out]
-        note = (f"{split}: {len(out):,} prompts, {min(lengths, default=0)}-{max(lengths, default=0)} tokens "
-                f"(budget {o.max_prompt_len}), {o.num_generations} completions of up to {o.max_new_tokens} tokens each")
-        return out, [note]
-
-    def _prompts(self, examples: Sequence[dict], split: str, tokenizer: Tokenizer) -> Prompts:
-        """The split's prompts, kept with their answers for the rewards (``answers[split]``)."""
-        self.answers[split] = [e["answer"] for e in examples]
-        self.prompts[split] = Prompts(examples, self.cfg.objective.max_prompt_len, _pad_id(tokenizer))
-        self.tokenizer = tokenizer
-        return self.prompts[split]
-
-    def train_batches(self, data: Any) -> Iterator[dict]:
-        c = self.cfg
-        return shuffled_batches(self._prompts(data.train_examples, "train", data.tokenizer),
-                                batch_size=c.train.batch_size, seed=c.data.seed, rows=data.train_rows)
-
-    def eval_batches(self, data: Any) -> list[dict]:
-        """None: held-out prompts are scored by sampling (``eval.rollout_reward``), not by a loss."""
-        self._prompts(data.val_examples, "val", data.tokenizer)
-        return []
-
-    def stop_ids(self, tokenizer: Tokenizer) -> list[int]:
-        """The eos id and the one-token texts of ``objective.stop``; DataError for a longer text."""
-        ids = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
-        for text in (s for s in self.cfg.objective.stop.split(",") if s):
-            text = text.encode().decode("unicode_escape")  # "\n" written on the command line
-            tok = tokenizer.encode(text)
-            if len(tok) != 1:
-                raise DataError(f"objective.stop: {text!r} is {len(tok)} tokens for the {tokenizer.kind} tokenizer: "
-                                f"give texts of one token each")
-            ids += tok
-        return ids
 
     # --- the collect phase ---------------------------------------------------------
-
-    def rollouts(self, run: Any, state: dict, prompt_tokens: np.ndarray, prompt_lengths: np.ndarray,
-                 rng: jax.Array, *, n: int, temperature: float) -> Any:
-        """:func:`lmstack.rollout.sample_rollouts` of the left-padded prompts with ``state``'s policy."""
-        o = self.cfg.objective
-        prompts = [row[len(row) - int(k):].tolist() for row, k in zip(prompt_tokens, prompt_lengths)]
-        return sample_rollouts(run.graphdef, nnx.merge_state(state["params"], state["frozen"]), prompts, n=n,
-                               max_new_tokens=o.max_new_tokens, max_prompt_len=o.max_prompt_len, rng=rng,
-                               stop_ids=self.stop_ids(self.tokenizer), temperature=temperature, top_k=o.top_k,
-                               top_p=o.top_p, pad_id=_pad_id(self.tokenizer), mesh=run.mesh,
-                               budget_key="objective.max_prompt_len")
-
-    def completions(self, rollout: Any) -> list[str]:
-        """Each row's completion text, the stop token left out."""
-        tokens, mask, stopped = (np.asarray(jax.device_get(x)) for x in
-                                 (rollout.completion_tokens, rollout.completion_mask, rollout.stopped))
-        out = []
-        for row, m, s in zip(tokens, mask, stopped):
-            ids = row[m].tolist()
-            out.append(self.tokenizer.decode(ids[:-1] if s else ids))
-        return out
 
     def collect(self, run: Any, state: dict, batch: dict, rng: jax.Array) -> tuple[dict, dict[str, float]]:
         """Rollouts, rewards and advantages for a batch of prompts (module docstring)."""
@@ -232,8 +87,7 @@ class GRPO:
                                 temperature=o.temperature)
         texts = self.completions(rollout)
         rollout_s = time.perf_counter() - start
-        answers = [self.answers["train"][int(i)] for i in np.repeat(host["record"], g)]
-        rewards = np.array([self.reward(t, a) for t, a in zip(texts, answers)], np.float32)
+        rewards = self.scores(texts, host["record"], g)
         advantages = group_advantages(jnp.asarray(rewards), g, std=o.advantage_std, eps=o.advantage_eps)
         collected = sequences(rollout)
         collected["advantages"] = advantages
@@ -247,7 +101,7 @@ class GRPO:
     def loss_fn(self, model: Any, batch: dict[str, jax.Array], rng: jax.Array | None):
         o = self.cfg.objective
         mask = batch["completion_mask"]
-        logp = completion_logps(model, batch, rng)
+        logp = completion_logps(model, batch, rng, chunk=o.loss_chunk)
         per_token = clipped_surrogate_loss(logp, jax.lax.stop_gradient(logp), batch["advantages"],
                                            epsilon_low=o.epsilon_low, epsilon_high=o.epsilon_high)
         num, weight = aggregate(per_token, mask, o.loss_aggregation, max_tokens=o.max_new_tokens)
@@ -256,7 +110,7 @@ class GRPO:
                                mask, o.loss_aggregation, max_tokens=o.max_new_tokens)
         aux = {"weight": weight, "clip_fraction": clipped}
         if o.beta:
-            ref_logp = completion_logps(self.reference.model(model), batch, None)
+            ref_logp = completion_logps(self.reference.model(model), batch, None, chunk=o.loss_chunk)
             kl, _ = aggregate(kl_estimate(logp, ref_logp, o.kl_estimator), mask, o.loss_aggregation,
                               max_tokens=o.max_new_tokens)
             num = num + o.beta * kl
@@ -271,28 +125,3 @@ class GRPO:
     def start(self, run: Any, state: dict) -> dict:
         return self.reference.start(run, state) if self.cfg.objective.beta else state
 
-
-def sequences(rollout: Any) -> dict[str, jax.Array]:
-    """The rollout as the train step's batch: ``tokens`` (prompt then completion), ``segment_ids``
-    (1 on real tokens), ``positions`` (from 0 at each row's first real token), ``completion_mask``."""
-    p = rollout.prompt_tokens.shape[1]
-    tokens = jnp.concatenate([rollout.prompt_tokens, rollout.completion_tokens], axis=1)
-    real_prompt = jnp.arange(p)[None, :] >= p - rollout.prompt_lengths[:, None]
-    real = jnp.concatenate([real_prompt, rollout.completion_mask], axis=1)
-    positions = jnp.maximum(jnp.cumsum(real, axis=1) - 1, 0).astype(jnp.int32)
-    return {"tokens": tokens, "segment_ids": real.astype(jnp.int32), "positions": positions,
-            "completion_mask": rollout.completion_mask.astype(jnp.int32)}
-
-
-def completion_logps(model: Any, batch: dict[str, jax.Array], rng: jax.Array | None) -> jax.Array:
-    """float32 (rows, N): the policy's log-probability of each completion token (0 where masked),
-    from one teacher-forced forward pass over prompt and completion."""
-    tokens, mask = batch["tokens"], batch["completion_mask"]
-    n = mask.shape[1]
-    logits = model(tokens[:, :-1], positions=batch["positions"][:, :-1], segment_ids=batch["segment_ids"][:, :-1],
-                   rng=rng)
-    return token_logps(logits[:, -n:], tokens[:, -n:], mask)
-
-
-def _pad_id(tokenizer: Tokenizer) -> int:
-    return 0 if tokenizer.pad_id is None else int(tokenizer.pad_id)

@@ -127,6 +127,7 @@ class SFT(CausalLM):
     ``data.train_examples`` / ``data.val_examples`` hold the examples."""
 
     config_defaults = dict(
+        CausalLM.config_defaults,
         chat_template="",  # "": the tokenizer's own; chatml | llama3 | none | a Jinja template
         loss_on="assistant",  # assistant | last_turn | all
         packing="first_fit",  # first_fit | best_fit | none
@@ -137,6 +138,8 @@ class SFT(CausalLM):
     @classmethod
     def config_problems(cls, cfg: Any) -> list[str]:
         """Settings this objective cannot train with, found at load time."""
+        if problems := super().config_problems(cfg):
+            return problems
         source = cfg.data.source
         if not is_format(source) or record_type(source) is not Conversation:
             chats = ", ".join(n for n in names("format") if record_type(n) is Conversation)

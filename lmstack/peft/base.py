@@ -80,19 +80,23 @@ def _compile(pattern: str, key: str) -> re.Pattern | None:
         raise ConfigError(f"{key}={pattern!r} is not a regular expression ({e}): fix the pattern") from None
 
 
-def trainable_filter(train: Any, method: Any) -> Callable[[tuple, Any], bool]:
+def trainable_filter(train: Any, method: Any, objective_types: tuple[type, ...] = ()) -> Callable[[tuple, Any], bool]:
     """The nnx filter ``(path, variable) -> bool`` of the trainable set: ``nnx.Param``s whose
     dotted path fully matches ``train.trainable`` (empty: every parameter, or only the
-    method's ``adapter_types`` when it has any), minus those matching ``train.frozen``.
+    method's ``adapter_types`` when it has any), and every parameter of ``objective_types``
+    (what an objective adds and always trains, its ``trainable_types``: PPO's value head,
+    like PEFT's ``modules_to_save``), minus those matching ``train.frozen``.
     Raises ConfigError for a pattern that does not compile."""
     keep, drop = _compile(train.trainable, "train.trainable"), _compile(train.frozen, "train.frozen")
-    adapters = tuple(method.adapter_types)
+    adapters, added = tuple(method.adapter_types), tuple(objective_types)
 
     def is_trainable(path: tuple, var: Any) -> bool:
         if not isinstance(var, nnx.Param):
             return False
         name = ".".join(map(str, path))
-        if keep is not None:
+        if isinstance(var, added):
+            chosen = True
+        elif keep is not None:
             chosen = keep.fullmatch(name) is not None
         else:
             chosen = isinstance(var, adapters) if adapters else True

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+
+from lmstack.token_logps import chunked_token_logps, token_logps as label_logps
 
 
 def sequence_logps(logits_btv: jax.Array, labels_bt: jax.Array, mask_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -15,11 +19,9 @@ def sequence_logps(logits_btv: jax.Array, labels_bt: jax.Array, mask_bt: jax.Arr
     ``labels = tokens[:, 1:]``, ``mask`` = the chat template's completion mask shifted the same
     way). ``mask_bt`` is bool or 0/1; labels under a false mask may hold anything (TRL's -100).
 
-    ``log p(y) = logit_y - logsumexp(logits)`` in float32: the outputs kept are the ``[b, t]``
-    label logits and normalisers, never a ``[b, t, v]`` log-softmax. Whether XLA also fuses
-    the float32 cast and ``exp`` into the reduction is the backend's choice (XLA:CPU does for
-    float32 logits with its own defaults; with lmstack's CPU defaults, no YNN fusions, it keeps
-    one float32 ``[b, t, v]`` temporary, as a log-softmax would).
+    ``log p(y)`` in float32 (optax's cross-entropy, negated). To keep the ``[b, t, v]``
+    logits from being held at all, compute them a chunk at a time with
+    :func:`lmstack.token_logps.chunked_token_logps`.
     """
     return jnp.sum(token_logps(logits_btv, labels_bt, mask_bt), axis=-1), jnp.sum(mask_bt.astype(jnp.float32), axis=-1)
 
@@ -27,9 +29,20 @@ def sequence_logps(logits_btv: jax.Array, labels_bt: jax.Array, mask_bt: jax.Arr
 def token_logps(logits_btv: jax.Array, labels_bt: jax.Array, mask_bt: jax.Array) -> jax.Array:
     """float32 ``[b, t]``: ``log p(labels[t])`` where ``mask`` is true, 0 elsewhere (the
     per-token terms of :func:`sequence_logps`, same conventions; what PPO / GRPO ratios and
-    KL estimates compare token by token)."""
+    KL estimates compare token by token), from :func:`lmstack.token_logps.token_logps`."""
     mask = mask_bt.astype(jnp.bool_)
     labels = jnp.where(mask, labels_bt, 0)  # out-of-range pad labels would gather NaN
-    label_logits = jnp.take_along_axis(logits_btv, labels[..., None], axis=-1)[..., 0].astype(jnp.float32)
-    normaliser = jax.nn.logsumexp(logits_btv.astype(jnp.float32), axis=-1)
-    return jnp.where(mask, label_logits - normaliser, 0.0)
+    return jnp.where(mask, label_logps(logits_btv.astype(jnp.float32), labels).logp, 0.0)
+
+
+def hidden_token_logps(model: Any, hidden_btd: jax.Array, labels_bt: jax.Array, mask_bt: jax.Array, *,
+                       chunk: int = 0) -> jax.Array:
+    """:func:`token_logps` of the logits of a decoder's final hidden states ``(b, t, d)``: the
+    whole ``(b, t, vocab)`` logits at once (``chunk`` 0), or ``chunk`` positions at a time
+    through the output head (:func:`lmstack.token_logps.chunked_token_logps`, the same values
+    and gradients without ever holding the full logits; ``objective.loss_chunk``)."""
+    if not chunk:
+        return token_logps(model.logits(hidden_btd), labels_bt, mask_bt)
+    mask = mask_bt.astype(jnp.bool_)
+    logp = chunked_token_logps(hidden_btd, model.output_head(), jnp.where(mask, labels_bt, 0), chunk=chunk).logp
+    return jnp.where(mask, logp, 0.0)

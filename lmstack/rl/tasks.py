@@ -5,13 +5,22 @@ Small enough for a small model to learn on CPU, checked by ``reward.exact_match`
 pair (splitmix64 of ``a * 10**digits + b``) and independent of the sampling seed, so the held-out
 split never shares a problem with train whatever seeds the two were drawn with. A draw holds no
 repeated problem.
+
+:func:`addition_files` writes both splits as ``prompt_completion`` JSONL under the lmstack
+cache (``$LMSTACK_CACHE``), what ``experiments/sft_addition.py`` and ``grpo_addition.py`` read.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import pathlib
+import tempfile
+
 import numpy as np
 
 from lmstack.config import ConfigError
+from lmstack.data.tokenizers import cache_dir
 
 SPLITS = ("train", "test")
 
@@ -68,3 +77,24 @@ def addition_problems(n: int, *, digits: int, split: str, seed: int,
         a, b = divmod(i, base)
         problems.append({"prompt": f"{a}+{b}=", "answer": str(a + b)})
     return problems
+
+
+def addition_files(*, digits: int, n_train: int, n_test: int, seed: int = 0,
+                   test_fraction: float = 0.1) -> dict[str, pathlib.Path]:
+    """``{"train": PATH, "test": PATH}``: :func:`addition_problems` of each split as
+    ``prompt_completion`` JSONL (``{"prompt": "12+345=", "completion": "357"}`` per line) under
+    ``$LMSTACK_CACHE/tasks/`` (default ``~/.cache/lmstack``), in a folder named by every argument.
+    Idempotent: files already there are kept; each is written to a temporary name and renamed,
+    so concurrent callers never read half a file. ConfigError as :func:`addition_problems`."""
+    folder = cache_dir() / "tasks" / f"addition-d{digits}-train{n_train}-test{n_test}-seed{seed}-f{test_fraction:g}"
+    paths = {split: folder / f"{split}.jsonl" for split in SPLITS}
+    for split, n in (("train", n_train), ("test", n_test)):
+        if paths[split].is_file():
+            continue
+        rows = addition_problems(n, digits=digits, split=split, seed=seed, test_fraction=test_fraction)
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{split}-", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps({"prompt": r["prompt"], "completion": r["answer"]}) + "\n" for r in rows)
+        os.replace(tmp, paths[split])
+    return paths

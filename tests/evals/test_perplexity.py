@@ -7,6 +7,8 @@ import jax
 import pytest
 from flax import nnx
 
+from lmstack.config import compose
+from lmstack.configs.base import base_config
 from lmstack.data.pipeline import eval_batches, tokenize_documents
 from lmstack.data.tokenizers import CharTokenizer, SentencePieceTokenizer
 from lmstack.evals.base import run_evaluators
@@ -46,7 +48,7 @@ def test_sentencepiece_spaces_are_counted_once(shared_data):
 def test_bits_per_byte_and_word_perplexity(model, tokenizer):
     batches = eval_batches(tokenize_documents(DOCS, tokenizer, cache=False), seq_len=16, batch_size=4)
     graphdef, state = nnx.split(model)
-    objective = CausalLM(None)
+    objective = CausalLM(compose(base_config()))
 
     @jax.jit
     def loss_sums(st, batch):

@@ -164,6 +164,9 @@ def test_loss_is_the_formula_on_completion_log_probs(parent):
         c = cfg.copy_and_resolve_references()
         c.objective.update(loss_type=loss_type, gamma=0.5 if loss_type == "simpo" else 0.0)
         assert mean_loss(DPO(c), run, state, batch) == pytest.approx(value, rel=1e-4), loss_type
+    c = cfg.copy_and_resolve_references()
+    c.objective.loss_chunk = 24  # the logits 24 positions at a time (95 is no multiple of it): the same loss
+    assert mean_loss(DPO(c), run, state, batch) == pytest.approx(want["sigmoid"], rel=1e-4)
 
 
 def test_a_tiny_model_learns_the_preferred_reply(tmp_path):

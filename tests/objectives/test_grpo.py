@@ -14,50 +14,20 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lmstack.config import ConfigError, compose, configure
+from lmstack.config import ConfigError, configure
 from lmstack.configs.base import base_config
 from lmstack.data.sources import DataError
 from lmstack.metrics_log import read_metrics
-from lmstack.objectives.grpo import completion_logps, sequences
-from lmstack.registry import register
+from lmstack.objectives.rollout_data import completion_logps, sequences
 from lmstack.rl.advantages import group_advantages
 from lmstack.rollout import sample_rollouts
 from lmstack.run import Run
 from lmstack.train import train
-from tests.helpers import tiny_config
-
-
-@register("reward.test_ascii")
-def ascii_share(completion: str, answer: str) -> float:
-    """The fraction of the completion's characters that are ASCII: about half of a random byte
-    model's, so a group's rewards differ from the start and the policy can learn to raise it."""
-    del answer
-    return sum(ch < "\x80" for ch in completion) / max(len(completion), 1)
-
-
-def prompts_file(tmp_path, n=12):
-    path = tmp_path / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"q{'x' * (i % 4)}{i}:", "completion": "aaaa"}) + "\n" for i in range(n)))
-    return path
+from tests.objectives.rl_builders import rl_config
 
 
 def grpo_config(tmp_path, **objective):
-    c = tiny_config(steps=6, batch_size=4)
-    c.model.update(vocab_size=0, n_heads=4, n_kv_heads=2)
-    c.data.update(source="prompt_completion", path=str(prompts_file(tmp_path)), val_fraction=0.0, seq_len=16)
-    c.data.tokenizer.kind = "byte"
-    c.objective.name = "grpo"
-    c.eval.names = ()
-    c = compose(c)
-    c.objective.update(chat_template="none", num_generations=4, max_prompt_len=8, max_new_tokens=6,
-                       reward="test_ascii", **objective)
-    c.optimizer.update(lr=1e-2, warmup_steps=0, schedule="constant", weight_decay=0.0)
-    c.train.update(progress=False, log_every=1)
-    c.eval.every = 0
-    c.checkpoint.every = 3
-    c.log.tensorboard = False
-    c.mesh.data = 1
-    return c
+    return rl_config(tmp_path, "grpo", **{"num_generations": 4, **objective})
 
 
 @pytest.fixture(scope="module")

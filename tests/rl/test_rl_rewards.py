@@ -34,8 +34,9 @@ def test_exact_match_strips_surrounding_whitespace_only():
 
 
 def test_rewards_are_registered_and_an_unknown_name_is_one_line():
-    assert registry.names("reward") == ["exact_match", "gsm8k_flexible", "gsm8k_strict"]
+    builtin = [n for n in registry.names("reward") if not n.startswith("test_")]  # RL tests register test_*
+    assert builtin == ["exact_match", "gsm8k_flexible", "gsm8k_strict"]
     with pytest.raises(ConfigError) as e:
         reward_fn("gsm8k_strictt")
-    assert str(e.value) == ("objective.reward: unknown reward 'gsm8k_strictt': did you mean gsm8k_strict? "
-                            "registered: exact_match, gsm8k_flexible, gsm8k_strict")
+    assert str(e.value).startswith("objective.reward: unknown reward 'gsm8k_strictt': did you mean gsm8k_strict? "
+                                   "registered: exact_match, gsm8k_flexible, gsm8k_strict")

@@ -1,10 +1,13 @@
-"""The synthetic addition task: correct answers, seeded draws, a held-out split disjoint from train."""
+"""The synthetic addition task: correct answers, seeded draws, a held-out split disjoint from train,
+written once to the cache as prompt_completion JSONL."""
+
+import json
 
 import numpy as np
 import pytest
 
 from lmstack.config import ConfigError
-from lmstack.rl.tasks import addition_problems, in_test_split
+from lmstack.rl.tasks import addition_files, addition_problems, in_test_split
 
 
 def test_answers_are_the_sums():
@@ -40,3 +43,18 @@ def test_bad_requests_are_one_line():
     with pytest.raises(ConfigError) as e:
         addition_problems(10, digits=10, split="train", seed=0)
     assert str(e.value) == "addition task digits=10: must be 1 to 9 (problems are indexed in 64 bits)"
+
+
+def test_files_hold_the_problems_and_are_written_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMSTACK_CACHE", str(tmp_path))
+    paths = addition_files(digits=2, n_train=30, n_test=5, seed=3)
+    assert paths["train"].parent.parent == tmp_path / "tasks"
+    for split, n in (("train", 30), ("test", 5)):
+        rows = [json.loads(line) for line in paths[split].read_text().splitlines()]
+        assert rows == [{"prompt": p["prompt"], "completion": p["answer"]}
+                        for p in addition_problems(n, digits=2, split=split, seed=3)]
+    stamp = {k: p.stat().st_mtime_ns for k, p in paths.items()}
+    assert addition_files(digits=2, n_train=30, n_test=5, seed=3) == paths
+    assert {k: p.stat().st_mtime_ns for k, p in paths.items()} == stamp  # kept, not rewritten
+    assert addition_files(digits=2, n_train=30, n_test=5, seed=4)["train"] != paths["train"]
+    assert sorted(q.name for q in paths["train"].parent.iterdir()) == ["test.jsonl", "train.jsonl"]

