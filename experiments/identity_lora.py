@@ -14,7 +14,13 @@ Data:    ../shared/data/instruct/identity.json: 91 Alpaca records answering "who
 Config:  LoRA r=8, alpha=16 on every projection of the blocks (all-linear: 2.4M trainable
          parameters, 1.8%), AdamW lr 1e-3 with 4 warmup steps, cosine; 4 rows of 128 tokens
          best-fit packed per step (about 2 records a row), 30 steps (about 3 epochs).
-Expect:  see tools/identity_answers.py's printout (README, "Parameter-efficient fine-tuning").
+Expect:  measured (tools/identity_answers.py, 2 shared CPU cores at load 7-11): 28 of the 82 training
+         conversations cut to 129 tokens (SmolLM's system turn is long); training loss 2.44 at
+         step 1, 0.69 at step 30, held-out loss 1.07; 13.9 s a step, 8.5 minutes. "Who are you?"
+         before: "I'm here to help with any kind of creative writing project. ..."; after: "I am
+         lmstack-bot, a lmstack-bot-bot. I am a lmstack-bot-bot-bot-bot-bot, ..." (the name is
+         learnt, stopping is not yet). --config.peft.name=qlora: step 1 2.90 (the NF4 copy of
+         the Q4_1 base), step 30 0.78, held-out 1.23.
 """
 
 import json

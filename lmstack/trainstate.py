@@ -6,6 +6,7 @@ logical names, so no device ever holds the full unsharded model.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import jax
@@ -15,6 +16,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from lmstack import registry
+from lmstack.models.projection import QuantizedWeight
+from lmstack.peft.nf4 import NF4Tensor
 from lmstack.sharding import replicated, state_shardings
 from lmstack.step import TrainState
 
@@ -92,9 +95,13 @@ def init_state(make_model: Callable[[], nnx.Module], tx: optax.GradientTransform
 
 
 def param_count(state_or_abstract: TrainState) -> int:
-    """Every ``nnx.Param`` of the model, trainable or frozen."""
-    frozen = state_or_abstract["frozen"].filter(nnx.Param)
-    return trainable_count(state_or_abstract) + sum(x.size for x in jax.tree.leaves(frozen))
+    """Every ``nnx.Param`` of the model, trainable or frozen, and every base weight QLoRA
+    stores as NF4 (``QuantizedWeight``) at its weight's element count, not its storage's."""
+    frozen = state_or_abstract["frozen"]
+    n = sum(x.size for x in jax.tree.leaves(frozen.filter(nnx.Param)))
+    stored = jax.tree.leaves(frozen.filter(QuantizedWeight), is_leaf=lambda x: isinstance(x, NF4Tensor))
+    n += sum(math.prod(t.data.shape[:-1]) * math.prod(t.shape) for t in stored)  # stack dims x one weight
+    return trainable_count(state_or_abstract) + n
 
 
 def trainable_count(state_or_abstract: TrainState) -> int:

@@ -46,3 +46,15 @@ def test_qlora_trains_the_adapters_and_never_touches_the_nf4_base():
     for x, y in zip(jax.tree.leaves(before["frozen"]), jax.tree.leaves(after["frozen"])):
         np.testing.assert_array_equal(x, y)
     assert np.abs(after["params"]["blocks"]["attn"]["v"]["lora_b"][...]).max() > 0
+
+
+def test_parameter_count_counts_nf4_weights_at_their_size():
+    from lmstack.trainstate import param_count, trainable_count
+
+    counts = []
+    for model in (_qlora(double_quant=True)[0], build(r=4)[0]):
+        state = {"params": nnx.state(model, nnx.LoRAParam), "frozen": nnx.state(model, nnx.Not(nnx.LoRAParam))}
+        counts.append((param_count(state), trainable_count(state)))
+    assert counts[0] == counts[1]
+    model = build()[0]  # no adapters: every parameter of the decoder
+    assert counts[0][0] == sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))) + counts[0][1]
