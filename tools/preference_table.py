@@ -4,7 +4,7 @@ a short reward model run of experiments/reward_model.py, and markdown tables of 
 pair accuracy and mean margin of each implicit reward before and after, with greedy answers to
 two held-out prompts before and after.
 
-    python tools/preference_table.py [--workdir runs/preference_table] [--steps 20] [--seq-len 256]
+    python tools/preference_table.py [--workdir runs/preference_table] [--steps 10] [--seq-len 256] [--losses sigmoid,ipo,simpo,kto]
 
 Every run reads the same records (the first ``--records`` of dpo_en_demo.json, ``--val-fraction``
 held out with the same seed), so all are scored on the same held-out pairs; the KTO run trains
@@ -13,6 +13,10 @@ Before training, the reference-based losses' implicit reward ``beta * (log pi - 
 0 on every reply (the policy is its reference): margin 0 and every pair a tie, which
 eval.pair_accuracy counts as wrong (TRL's convention), so it is not measured. SimPO's is the base
 model's own ranking (beta times the length-averaged log-probability), measured.
+
+Cost on 2 shared CPU cores (load 4-16): 20-75 s a step, 4-21 minutes a run, ~7 GB of memory
+(two at once were OOM-killed on a 23 GB machine beside other jobs). Measured: README's
+"Preference optimisation".
 """
 
 from __future__ import annotations
@@ -123,7 +127,7 @@ def main() -> None:
     print(f"\nload average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; {args.steps} steps of "
           f"{args.batch_size} pairs, {args.seq_len} tokens, LoRA r=8 q,k,v,o\n")
     print("| loss | held-out pairs | accuracy before | margin before | accuracy after | margin after | "
-          "compile s | s/step | wall s |")
+          "step 1 s (compile) | s/step | wall s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         b = r["before"]
