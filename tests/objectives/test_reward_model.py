@@ -149,9 +149,9 @@ def test_loss_is_bradley_terry_on_the_score_heads_last_token():
                                @ score for e in examples]) for name in PAIR_SEQUENCES}
     r_c, r_r = rewards["chosen"], rewards["rejected"]
     assert abs(r_c - r_r).min() > 1e-3  # the rewards differ: a real check
-    cfg = compose(base_config())
-    cfg.objective.name = "reward_model"
-    cfg = compose(cfg)
+    raw = base_config()
+    raw.objective.name = "reward_model"
+    cfg = compose(raw)
     cfg.objective.center_rewards_coefficient = 0.01
     loss, aux = nnx.jit(lambda m, b: RewardModel(cfg).loss_fn(m, b, None))(model, batch)
     want = _numpy_bt(r_c, r_r, np.array([0.5, -1.0]), 0.01)
