@@ -161,6 +161,18 @@ def record_type(source: str) -> type:
     return lookup("format", source, "data.source").record
 
 
+def source_problems(data_cfg: mlc.ConfigDict, record: type, reader: str, what: str) -> list[str]:
+    """[] when ``data.source`` names a data format whose records are ``record``s; else the
+    one-line problem: ``reader`` (e.g. ``objective.classify``) reads ``what`` and which
+    ``data.source`` values give them."""
+    source = data_cfg.source
+    if is_format(source) and record_type(source) is record:
+        return []
+    fits = ", ".join(n for n in names("format") if record_type(n) is record)
+    return [f"data.source={source!r}: {reader} reads {what}: set --config.data.source to {fits} and "
+            f"--config.data.path to the file"]
+
+
 def _format(name: str, suffix: str, record: type = Conversation) -> Callable[[Callable], Format]:
     """Register a reader of one file as ``format.NAME`` (records of every file ``data.path``
     names, of class ``record``) and ``data.NAME`` (their texts as documents)."""

@@ -23,11 +23,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lmstack.data.formats import Labelled, is_format, record_type
+from lmstack.data.formats import Labelled, source_problems
 from lmstack.data.labelled import Examples, encode_labelled, ordered_batches, shuffled_batches
 from lmstack.data.sources import DataError
 from lmstack.data.tokenizers import Tokenizer
-from lmstack.registry import names, register
+from lmstack.registry import register
 
 
 def parse_labels(labels: str) -> tuple[str, ...]:
@@ -55,12 +55,7 @@ class Classify:
     @classmethod
     def config_problems(cls, cfg: Any) -> list[str]:
         """Settings this objective cannot train with, found at load time."""
-        out = []
-        source = cfg.data.source
-        if not is_format(source) or record_type(source) is not Labelled:
-            labelled = ", ".join(n for n in names("format") if record_type(n) is Labelled)
-            out.append(f"data.source={source!r}: objective.classify reads labelled records: set "
-                       f"--config.data.source to {labelled} and --config.data.path to the file")
+        out = source_problems(cfg.data, Labelled, "objective.classify", "labelled records")
         labels = parse_labels(cfg.objective.labels)
         if len(labels) < 2 or len(set(labels)) != len(labels):
             out.append(f"objective.labels={cfg.objective.labels!r}: list two or more distinct labels as the data "

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from lmstack.data.chat import resolve_template
-from lmstack.data.formats import PreferencePair, Unpaired, is_format, record_type
+from lmstack.data.formats import PreferencePair, Unpaired, source_problems
 from lmstack.data.labelled import ordered_batches, shuffled_batches
 from lmstack.data.tokenizers import Tokenizer
 from lmstack.objectives.preference_data import (
@@ -49,7 +49,7 @@ from lmstack.objectives.preference_data import (
 from lmstack.objectives.reference import ReferencePolicy
 from lmstack.preference.logps import hidden_token_logps
 from lmstack.preference.losses import LOSS_TYPES, REFERENCE_FREE, check_loss_options, kto_loss, preference_loss
-from lmstack.registry import names, register
+from lmstack.registry import register
 
 PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
 
@@ -102,14 +102,10 @@ class DPO:
     @classmethod
     def config_problems(cls, cfg: Any) -> list[str]:
         """Settings this objective cannot train with, found at load time."""
-        o, out = cfg.objective, []
-        want = Unpaired if o.loss_type == "kto" else PreferencePair
-        source = cfg.data.source
-        if not is_format(source) or record_type(source) is not want:
-            fits = ", ".join(n for n in names("format") if record_type(n) is want)
-            what = "unpaired completions with a desirable label" if want is Unpaired else "preference pairs"
-            out.append(f"data.source={source!r}: objective.loss_type={o.loss_type} reads {what}: set "
-                       f"--config.data.source to {fits} and --config.data.path to the file")
+        o = cfg.objective
+        want, what = ((Unpaired, "unpaired completions with a desirable label") if o.loss_type == "kto"
+                      else (PreferencePair, "preference pairs"))
+        out = source_problems(cfg.data, want, f"objective.loss_type={o.loss_type}", what)
         try:
             check_loss_options(o.loss_type, beta=o.beta, label_smoothing=o.label_smoothing, gamma=o.gamma)
         except Exception as e:  # ConfigError: one line naming the key

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from lmstack.data.chat import resolve_template
-from lmstack.data.formats import PreferencePair, is_format, record_type
+from lmstack.data.formats import PreferencePair, source_problems
 from lmstack.data.labelled import ordered_batches, shuffled_batches
 from lmstack.data.tokenizers import Tokenizer
 from lmstack.objectives.preference_data import (
@@ -37,7 +37,7 @@ from lmstack.objectives.preference_data import (
     encode_pairs,
 )
 from lmstack.preference.reward import bradley_terry_loss
-from lmstack.registry import names, register
+from lmstack.registry import register
 
 
 def pair_rewards(model: Any, batch: Mapping[str, jax.Array], rng: jax.Array | None = None
@@ -72,12 +72,7 @@ class RewardModel:
     @classmethod
     def config_problems(cls, cfg: Any) -> list[str]:
         """Settings this objective cannot train with, found at load time."""
-        out = []
-        source = cfg.data.source
-        if not is_format(source) or record_type(source) is not PreferencePair:
-            pairs = ", ".join(n for n in names("format") if record_type(n) is PreferencePair)
-            out.append(f"data.source={source!r}: objective.reward_model reads preference pairs: set "
-                       f"--config.data.source to {pairs} and --config.data.path to the file")
+        out = source_problems(cfg.data, PreferencePair, "objective.reward_model", "preference pairs")
         if cfg.model.get("num_labels") != 1:
             what = ("has no score head" if "num_labels" not in cfg.model
                     else f"has model.num_labels={cfg.model.num_labels}")
