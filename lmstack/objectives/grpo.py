@@ -32,12 +32,10 @@ of :func:`lmstack.objectives.rollout_data.sequences` and ``advantages`` (rows,).
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lmstack.distributed import global_batch
 from lmstack.objectives.rollout_data import ROLLOUT_DEFAULTS, RolloutObjective, completion_logps, sequences
@@ -80,20 +78,10 @@ class GRPO(RolloutObjective):
     def collect(self, run: Any, state: dict, batch: dict, rng: jax.Array) -> tuple[dict, dict[str, float]]:
         """Rollouts, rewards and advantages for a batch of prompts (module docstring)."""
         o = self.cfg.objective
-        g = o.num_generations
-        host = {k: np.asarray(jax.device_get(v)) for k, v in batch.items()}
-        start = time.perf_counter()
-        rollout = self.rollouts(run, state, host["prompt_tokens"], host["prompt_lengths"], rng, n=g,
-                                temperature=o.temperature)
-        texts = self.completions(rollout)
-        rollout_s = time.perf_counter() - start
-        rewards = self.scores(texts, host["record"], g)
-        advantages = group_advantages(jnp.asarray(rewards), g, std=o.advantage_std, eps=o.advantage_eps)
-        collected = sequences(rollout)
-        collected["advantages"] = advantages
-        lengths = np.asarray(jax.device_get(rollout.completion_lengths))
-        metrics = {"reward": float(rewards.mean()), "reward_std": float(rewards.std()),
-                   "completion_length": float(lengths.mean()), "rollout_s": rollout_s}
+        rollout, rewards, metrics = self.sample(run, state, batch, rng)
+        advantages = group_advantages(jnp.asarray(rewards), o.num_generations, std=o.advantage_std,
+                                      eps=o.advantage_eps)
+        collected = {**sequences(rollout), "advantages": advantages}
         return global_batch(collected, run.batch_sharding), metrics
 
     # --- the loss ------------------------------------------------------------------

@@ -49,13 +49,11 @@ and, float32 (rows, N) each,
 
 from __future__ import annotations
 
-import time
 from typing import Any, Iterator, Mapping
 
 import grain
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from lmstack.distributed import global_batch
@@ -188,15 +186,7 @@ class PPO(RolloutObjective):
     def collect(self, run: Any, state: dict, batch: dict, rng: jax.Array) -> tuple[dict, dict[str, float]]:
         """Rollouts, rewards, old log-probs and values, GAE advantages and returns for a batch of
         prompts, then the adaptive KL coefficient's update (module docstring)."""
-        o = self.cfg.objective
-        n = o.num_generations
-        host = {k: np.asarray(jax.device_get(v)) for k, v in batch.items()}
-        start = time.perf_counter()
-        rollout = self.rollouts(run, state, host["prompt_tokens"], host["prompt_lengths"], rng, n=n,
-                                temperature=o.temperature)
-        texts = self.completions(rollout)
-        rollout_s = time.perf_counter() - start
-        scores = self.scores(texts, host["record"], n)
+        rollout, scores, sampled = self.sample(run, state, batch, rng)
         rows = global_batch({**sequences(rollout), "scores": scores}, run.batch_sharding)
         if self._prepare is None:
             self._prepare = jax.jit(lambda p, f, b, c: self.prepare(nnx.merge(run.graphdef, p, f), b, c),
@@ -205,10 +195,7 @@ class PPO(RolloutObjective):
         collected, stats = self._prepare(state["params"], state["frozen"], rows, jnp.float32(kl_coef))
         stats = {k: float(v) for k, v in jax.device_get(stats).items()}
         self.kl_coef = float(self.controller.update(kl_coef, stats["kl"], len(scores)))
-        lengths = np.asarray(jax.device_get(rollout.completion_lengths))
-        metrics = {"reward": float(scores.mean()), "reward_std": float(scores.std()), "kl_coef": kl_coef,
-                   "completion_length": float(lengths.mean()), "rollout_s": rollout_s, **stats}
-        return collected, metrics
+        return collected, {**sampled, "kl_coef": kl_coef, **stats}
 
     def prepare(self, model: Any, rows: dict[str, jax.Array], kl_coef: jax.Array) -> tuple[dict, dict]:
         """The collected batch from the rollout ``rows`` (with their ``scores`` (rows,)) and the

@@ -21,6 +21,7 @@ first real token) and ``completion_mask`` (rows, N).
 
 from __future__ import annotations
 
+import time
 from typing import Any, Iterator, Mapping, Sequence
 
 import jax
@@ -196,6 +197,23 @@ class RolloutObjective:
         adjacent)."""
         answers = [self.answers["train"][int(i)] for i in np.repeat(records, n)]
         return np.array([self.reward(t, a) for t, a in zip(texts, answers)], np.float32)
+
+    def sample(self, run: Any, state: dict, batch: dict, rng: jax.Array) -> tuple[Any, np.ndarray, dict[str, float]]:
+        """The collect phase's common part: ``num_generations`` completions of each prompt of
+        ``batch`` with ``state``'s policy, their rewards (float32 (rows,)), and the metrics
+        ``reward``, ``reward_std``, ``completion_length`` (tokens) and ``rollout_s`` (seconds)."""
+        o = self.cfg.objective
+        n = o.num_generations
+        host = {k: np.asarray(jax.device_get(v)) for k, v in batch.items()}
+        start = time.perf_counter()
+        rollout = self.rollouts(run, state, host["prompt_tokens"], host["prompt_lengths"], rng, n=n,
+                                temperature=o.temperature)
+        texts = self.completions(rollout)
+        rollout_s = time.perf_counter() - start
+        rewards = self.scores(texts, host["record"], n)
+        lengths = np.asarray(jax.device_get(rollout.completion_lengths))
+        return rollout, rewards, {"reward": float(rewards.mean()), "reward_std": float(rewards.std()),
+                                  "completion_length": float(lengths.mean()), "rollout_s": rollout_s}
 
 def sequences(rollout: Any) -> dict[str, jax.Array]:
     """The rollout as the train step's batch: ``tokens`` (prompt then completion), ``segment_ids``

@@ -1,5 +1,5 @@
-"""objective.dpo on the trainer: at the start (policy = reference) sigmoid DPO is ln 2, IPO
-1/(4 beta^2) and KTO 0.5, for a full fine-tune (a frozen copy) and a LoRA run (adapters
+"""objective.dpo on the trainer: at the start (policy = reference) sigmoid DPO is ln 2 and KTO
+0.5, for a full fine-tune (a frozen copy) and a LoRA run (adapters
 disabled); the two references give the same loss when the policies are the same function; the
 loss equals the published formula on numpy log-probs of the completion tokens; a tiny model
 learns the preferred reply from scratch (held-out implicit-reward accuracy)."""
