@@ -54,20 +54,22 @@ class InitSource:
         return f"{self.path}@{self.step}" if self.step is not None else str(self.path)
 
 
-def parse_init_from(value: str) -> InitSource:
-    """Resolve ``init.from`` to an :class:`InitSource`; ConfigError says what was expected."""
+def parse_init_from(value: str, key: str = "init.from") -> InitSource:
+    """Resolve ``init.from`` (or another key that names weights the same way, e.g.
+    ``objective.reward_model``) to an :class:`InitSource`; ConfigError naming ``key`` says
+    what was expected."""
     if value in ("", "scratch"):
         return InitSource("scratch")
     text, at, step_s = value.rpartition("@") if "@" in value else (value, "", "")
     step = None
     if at:
         if not step_s.isdigit():
-            raise ConfigError(f"init.from={value!r}: the part after @ must be a checkpoint step, e.g. {text}@1000")
+            raise ConfigError(f"{key}={value!r}: the part after @ must be a checkpoint step, e.g. {text}@1000")
         step = int(step_s)
     path = Path(text).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise ConfigError(f"init.from={value!r}: no such GGUF file")
+            raise ConfigError(f"{key}={value!r}: no such GGUF file")
         return InitSource("gguf", path)
     if (path / "config.json").is_file() and not RunSpec.exists(path) and (
             (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()):
@@ -76,10 +78,10 @@ def parse_init_from(value: str) -> InitSource:
         return InitSource("run", path, step)
     if path.parent.name == "checkpoints" and path.name.isdigit() and RunSpec.exists(path.parent.parent):
         if step is not None:
-            raise ConfigError(f"init.from={value!r}: a checkpoint directory names its step already; drop @{step}")
+            raise ConfigError(f"{key}={value!r}: a checkpoint directory names its step already; drop @{step}")
         return InitSource("run", path.parent.parent, int(path.name))
     raise ConfigError(
-        f"init.from={value!r} is not scratch, a run's workdir (with run_spec.json), WORKDIR@STEP, "
+        f"{key}={value!r} is not scratch, a run's workdir (with run_spec.json), WORKDIR@STEP, "
         f"WORKDIR/checkpoints/STEP, a Hugging Face directory (config.json + model.safetensors) or a .gguf file")
 
 
