@@ -57,6 +57,7 @@ and, float32 (rows, N) each,
 
 from __future__ import annotations
 
+import time
 from typing import Any, Iterator, Mapping
 
 import grain
@@ -193,17 +194,20 @@ class PPO(RolloutObjective):
 
     def collect(self, run: Any, state: dict, batch: dict, rng: jax.Array) -> tuple[dict, dict[str, float]]:
         """Rollouts, rewards, old log-probs and values, GAE advantages and returns for a batch of
-        prompts, then the adaptive KL coefficient's update (module docstring)."""
+        prompts, then the adaptive KL coefficient's update (module docstring). Metrics: the
+        sampling step's (:meth:`RolloutObjective.sample`), ``kl_coef``, :meth:`prepare`'s
+        statistics and ``prepare_s`` (seconds of its teacher-forced pass)."""
         rollout, scores, sampled = self.sample(run, state, batch, rng)
         rows = global_batch({**sequences(rollout), "scores": scores}, run.batch_sharding)
         if self._prepare is None:
             self._prepare = jax.jit(lambda p, f, b, c: self.prepare(nnx.merge(run.graphdef, p, f), b, c),
                                     out_shardings=(run.batch_sharding, replicated(run.mesh)))
         kl_coef = self.kl_coef
+        start = time.perf_counter()
         collected, stats = self._prepare(state["params"], state["frozen"], rows, jnp.float32(kl_coef))
         stats = {k: float(v) for k, v in jax.device_get(stats).items()}
         self.kl_coef = float(self.controller.update(kl_coef, stats["kl"], len(scores)))
-        return collected, {**sampled, "kl_coef": kl_coef, **stats}
+        return collected, {**sampled, "kl_coef": kl_coef, **stats, "prepare_s": time.perf_counter() - start}
 
     def prepare(self, model: Any, rows: dict[str, jax.Array], kl_coef: jax.Array) -> tuple[dict, dict]:
         """The collected batch from the rollout ``rows`` (with their ``scores`` (rows,)) and the
