@@ -94,8 +94,9 @@ class Parent:
     load_params: Callable[[Any], Any]
 
 
-def open_parent(source: InitSource) -> Parent:
-    """The parent behind ``source`` (not ``scratch``)."""
+def open_parent(source: InitSource, key: str = "init.from") -> Parent:
+    """The parent behind ``source`` (not ``scratch``); FileNotFoundError naming ``key`` for a
+    step the run has no checkpoint of."""
     from lmstack.checkpoint import has_checkpoint, restore_params
 
     if source.kind == "run":
@@ -109,7 +110,7 @@ def open_parent(source: InitSource) -> Parent:
                 return Parent(spec, open_parent(grand).load_params)
         if source.step is not None and not (source.path / "checkpoints" / str(source.step)).is_dir():
             have = sorted(int(p.name) for p in (source.path / "checkpoints").glob("*") if p.name.isdigit())
-            raise FileNotFoundError(f"init.from: no checkpoint for step {source.step} in {source.path / 'checkpoints'} "
+            raise FileNotFoundError(f"{key}: no checkpoint for step {source.step} in {source.path / 'checkpoints'} "
                                     f"(have: {', '.join(map(str, have)) or 'none'}): pass WORKDIR@STEP with one of those")
         return Parent(spec, lambda abstract_params: restore_params(source.path, source.step, abstract_params))
     if source.kind == "hf":

@@ -85,7 +85,8 @@ class FrozenRewardModel:
         """Raise ConfigError (one line naming ``objective.reward_model`` and the policy's source)
         unless the value is a trained ``objective.reward_model`` run (one score, every weight in
         its checkpoints) whose tokenizer is the policy's (``spec``: the policy run's spec) and
-        whose learned positions, if it has them, cover the rollout rows of ``cfg.objective``."""
+        whose learned positions, if it has them, cover the rollout rows of ``cfg.objective``;
+        FileNotFoundError for a ``W@STEP`` without that checkpoint."""
         source = parse_init_from(self.value, KEY)
         if source.kind != "run":
             raise ConfigError(f"{KEY}={self.value!r} is a {source.kind} source: give the workdir of an "
@@ -93,7 +94,7 @@ class FrozenRewardModel:
         if not has_checkpoint(source.path):
             raise ConfigError(f"{KEY}={self.value!r} holds no checkpoint: train it first "
                               f"(lmstack train reward_model --workdir {source.path})")
-        rm = RunSpec.load(source.path)
+        rm = open_parent(source, KEY).spec
         if rm.model.get("num_labels") != 1:
             raise ConfigError(f"{KEY}={self.value!r}: its model has model.num_labels={rm.model.get('num_labels', 0)}, "
                               f"not the one score of a reward model: give the workdir of an objective.reward_model run")
@@ -120,7 +121,7 @@ class FrozenRewardModel:
         if self._model is None:
             from lmstack.trainstate import abstract_state, build_model_factory  # it imports the objectives
 
-            parent = open_parent(parse_init_from(self.value, KEY))
+            parent = open_parent(parse_init_from(self.value, KEY), KEY)
             rm = parent.spec
             make, _ = build_model_factory(rm.model_section(), vocab_size=rm.vocab_size,
                                           max_seq_len=rm.model["max_seq_len"], seed=0)

@@ -181,8 +181,8 @@ def test_reward_and_reward_model_are_one_choice():
 
 def test_a_reward_model_that_cannot_score_the_policys_rows_is_refused_before_anything_is_written(tmp_path):
     """Another tokenizer (a char-level reward model for a byte-level policy), a workdir without
-    a checkpoint, a model without a score head, an adapters-only reward model and a GGUF file:
-    one line each, and the policy's workdir is never created."""
+    a checkpoint, a model without a score head, an adapters-only reward model, a GGUF file and
+    a step without a checkpoint: one line each, and the policy's workdir is never created."""
     char = reward_model_workdir(tmp_path, "char", tokenizer="char")
     untrained = reward_model_workdir(tmp_path, "untrained", save=False)
     lora = reward_model_workdir(tmp_path, "lora", peft="lora", save=False)
@@ -203,8 +203,10 @@ def test_a_reward_model_that_cannot_score_the_policys_rows_is_refused_before_any
         tmp_path / "w.gguf": f"objective.reward_model={str(tmp_path / 'w.gguf')!r} is a gguf source: give the "
                              f"workdir of an objective.reward_model run (W or W@STEP)",
     }
+    cases[f"{char}@7"] = (f"objective.reward_model: no checkpoint for step 7 in {char / 'checkpoints'} (have: 1): "
+                          f"pass WORKDIR@STEP with one of those")
     for path, message in cases.items():
-        with pytest.raises(ConfigError) as e:
+        with pytest.raises((ConfigError, FileNotFoundError)) as e:
             Run.for_training(rl_config(tmp_path, "ppo", reward="", reward_model=str(path)), tmp_path / "ppo")
         assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
         assert not (tmp_path / "ppo").exists()
