@@ -54,20 +54,22 @@ class InitSource:
         return f"{self.path}@{self.step}" if self.step is not None else str(self.path)
 
 
-def parse_init_from(value: str) -> InitSource:
-    """Resolve ``init.from`` to an :class:`InitSource`; ConfigError says what was expected."""
+def parse_init_from(value: str, key: str = "init.from") -> InitSource:
+    """Resolve ``init.from`` (or another key that names weights the same way, e.g.
+    ``objective.reward_model``) to an :class:`InitSource`; ConfigError naming ``key`` says
+    what was expected."""
     if value in ("", "scratch"):
         return InitSource("scratch")
     text, at, step_s = value.rpartition("@") if "@" in value else (value, "", "")
     step = None
     if at:
         if not step_s.isdigit():
-            raise ConfigError(f"init.from={value!r}: the part after @ must be a checkpoint step, e.g. {text}@1000")
+            raise ConfigError(f"{key}={value!r}: the part after @ must be a checkpoint step, e.g. {text}@1000")
         step = int(step_s)
     path = Path(text).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise ConfigError(f"init.from={value!r}: no such GGUF file")
+            raise ConfigError(f"{key}={value!r}: no such GGUF file")
         return InitSource("gguf", path)
     if (path / "config.json").is_file() and not RunSpec.exists(path) and (
             (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()):
@@ -76,10 +78,10 @@ def parse_init_from(value: str) -> InitSource:
         return InitSource("run", path, step)
     if path.parent.name == "checkpoints" and path.name.isdigit() and RunSpec.exists(path.parent.parent):
         if step is not None:
-            raise ConfigError(f"init.from={value!r}: a checkpoint directory names its step already; drop @{step}")
+            raise ConfigError(f"{key}={value!r}: a checkpoint directory names its step already; drop @{step}")
         return InitSource("run", path.parent.parent, int(path.name))
     raise ConfigError(
-        f"init.from={value!r} is not scratch, a run's workdir (with run_spec.json), WORKDIR@STEP, "
+        f"{key}={value!r} is not scratch, a run's workdir (with run_spec.json), WORKDIR@STEP, "
         f"WORKDIR/checkpoints/STEP, a Hugging Face directory (config.json + model.safetensors) or a .gguf file")
 
 
@@ -92,8 +94,9 @@ class Parent:
     load_params: Callable[[Any], Any]
 
 
-def open_parent(source: InitSource) -> Parent:
-    """The parent behind ``source`` (not ``scratch``)."""
+def open_parent(source: InitSource, key: str = "init.from") -> Parent:
+    """The parent behind ``source`` (not ``scratch``); FileNotFoundError naming ``key`` for a
+    step the run has no checkpoint of."""
     from lmstack.checkpoint import has_checkpoint, restore_params
 
     if source.kind == "run":
@@ -107,7 +110,7 @@ def open_parent(source: InitSource) -> Parent:
                 return Parent(spec, open_parent(grand).load_params)
         if source.step is not None and not (source.path / "checkpoints" / str(source.step)).is_dir():
             have = sorted(int(p.name) for p in (source.path / "checkpoints").glob("*") if p.name.isdigit())
-            raise FileNotFoundError(f"init.from: no checkpoint for step {source.step} in {source.path / 'checkpoints'} "
+            raise FileNotFoundError(f"{key}: no checkpoint for step {source.step} in {source.path / 'checkpoints'} "
                                     f"(have: {', '.join(map(str, have)) or 'none'}): pass WORKDIR@STEP with one of those")
         return Parent(spec, lambda abstract_params: restore_params(source.path, source.step, abstract_params))
     if source.kind == "hf":

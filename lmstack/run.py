@@ -178,6 +178,8 @@ class Run:
                 f"other text; restore the data, pick a new --workdir, or pass --accept-changed-data to resume anyway")
         spec = dataclasses.replace(spec, data_digest=digest)
         run = cls(cfg, workdir, spec, mesh)  # builds the layout: fails before anything is written
+        if hasattr(run.objective, "check_spec"):  # an objective that reads another run (PPO's reward model)
+            run.objective.check_spec(spec)
         data.train_rows = process_rows(run.batch_sharding, cfg.train.batch_size)
         if is_primary():
             workdir.mkdir(parents=True, exist_ok=True)

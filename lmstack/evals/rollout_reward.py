@@ -1,6 +1,7 @@
 """The held-out reward of an RL objective's policy: greedy completions of the held-out prompts
-scored by the objective's reward (``objective.reward``). With a 0/1 reward such as
-``exact_match`` or ``gsm8k_strict`` the mean is the held-out accuracy."""
+scored as the objective scores its rollouts (``objective.reward`` or ``objective.reward_model``,
+less ``objective.missing_eos_penalty``). With a 0/1 reward such as ``exact_match`` or
+``gsm8k_strict`` (and no penalty) the mean is the held-out accuracy."""
 
 from __future__ import annotations
 
@@ -43,8 +44,7 @@ def rollout_reward(ctx: Any) -> Iterator[tuple[str, float]]:
         rollout = objective.rollouts(run, {"params": state, "frozen": nnx.State({})}, rows["prompt_tokens"],
                                      rows["prompt_lengths"], jax.random.key(0), n=1, temperature=0.0)
         keep = min(size, n - first)
-        texts = objective.completions(rollout)[:keep]
-        rewards += [objective.reward(t, answers[i]) for t, i in zip(texts, index[:keep])]
+        rewards += objective.rewards(run, rollout, [answers[i] for i in index])[0][:keep].tolist()
         lengths += np.asarray(jax.device_get(rollout.completion_lengths))[:keep].tolist()
         stopped += np.asarray(jax.device_get(rollout.stopped))[:keep].tolist()
     yield "reward", float(np.mean(rewards))

@@ -27,16 +27,22 @@ trainer, evaluators and benchmarks use only this interface:
   the objective adds to the model (in ``attach``) that are always trained, whatever
   ``train.trainable`` or the PEFT method select (PPO's value head;
   :func:`lmstack.peft.base.trainable_filter`).
+- ``check_spec(spec)`` (optional): called by :meth:`lmstack.run.Run.for_training` with the
+  run's spec before anything is written, for an objective that reads another run (the
+  rollout objectives' ``objective.reward_model`` must share the policy's tokenizer); raises
+  ConfigError.
 - ``special_tokens(cfg)`` (classmethod): the names of the ids the objective reserves beyond
   the tokenizer's vocabulary (T5 sentinels ``<extra_id_N>``, ``[MASK]``, UL2 mode tokens).
   The run spec assigns them once (:mod:`lmstack.runspec`) and the objective is built with
   ``special_ids`` (name -> id), so a run started from another keeps its parent's ids.
 
-Frozen extra models (a DPO reference policy, a reward model) are part of the model the
+Frozen copies of the policy's own weights (a DPO reference policy) are part of the model the
 objective is given: a wrapper model whose frozen parts hold variables that are not
 ``nnx.Param``. The trainer differentiates and updates ``nnx.Param`` only; every other
 variable is carried in ``state["frozen"]``, sharded by its logical names and checkpointed,
-never differentiated.
+never differentiated. A separate model read from another run that the objective only
+evaluates (the rollout objectives' reward model, :mod:`lmstack.rl.reward_model`) is held by
+the objective, outside the train state, placed on the run's mesh.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ Each training step (``train.batch_size`` prompts):
    (:func:`lmstack.rollout.sample_rollouts`: one prefill per prompt, ``max_new_tokens``,
    ``temperature`` / ``top_k`` / ``top_p``, ending at the tokenizer's eos or a token of
    ``objective.stop``), scores each with the registered reward ``objective.reward``
-   (:mod:`lmstack.rl.rewards`) against the record's answer, and turns the rewards into
+   (:mod:`lmstack.rl.rewards`) against the record's answer, or with a trained reward model
+   ``objective.reward_model`` (:mod:`lmstack.rl.reward_model`), and turns the rewards into
    group-relative advantages (``objective.advantage_std``: ``unbiased`` as DeepSeekMath and
    TRL, ``population``, or ``none`` as Dr. GRPO; ``advantage_eps``);
 2. the unchanged pure train step minimises the clipped surrogate (``epsilon_low`` /

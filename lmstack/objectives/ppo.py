@@ -1,7 +1,15 @@
 """PPO for language models (Ziegler et al. 2019; Ouyang et al. 2022), with rollouts inside the trainer.
 
-Prompts with their reference answers as :mod:`lmstack.objectives.rollout_data` reads them;
-the reward is a registered reward function ``objective.reward`` (:mod:`lmstack.rl.rewards`).
+Prompts with their reference answers as :mod:`lmstack.objectives.rollout_data` reads them.
+The reward of a completion is a registered reward function ``objective.reward``
+(:mod:`lmstack.rl.rewards`) or, as TRL's ``PPOTrainer`` takes its ``reward_model``, a trained
+reward model, ``objective.reward_model`` = the workdir of an ``objective.reward_model`` run
+(``W`` or ``W@STEP``; :mod:`lmstack.rl.reward_model`): the prompt and completion token ids,
+moved to start at position 0, scored by its one-output head on the last real token (the
+stop token, or the ``max_new_tokens``-th), frozen, outside the train state, with the
+policy's tokenizer (another is refused before anything is written). Exactly one of the two
+is set; ``missing_eos_penalty`` (TRL's) is subtracted from the reward of a completion that
+ran to ``max_new_tokens`` without a stop token.
 The critic is a value head on the policy's own trunk (shared trunk, as TRL's
 ``AutoModelForCausalLMWithValueHead``): ``value_head``, a Projection d_model -> 1 (with a
 bias, as TRL's ``ValueHead``; weight drawn from N(0, 1/(d_model + 1)^2), OpenRLHF's
@@ -13,7 +21,7 @@ critic model is not offered.
 Each training step (``train.batch_size`` prompts):
 
 1. the collect phase (:meth:`PPO.collect`) samples ``objective.num_generations`` completions
-   of every prompt with the current policy, scores each with the reward function, and runs
+   of every prompt with the current policy, scores each (the reward function or model), and runs
    one compiled teacher-forced pass for the old log-probs and old values (and the reference
    policy's log-probs, :mod:`lmstack.objectives.reference`). The per-token reward is
    ``-kl_coef * KL_t`` (``kl_estimator``, k1 as TRL PPOTrainer) plus the score on the
@@ -41,7 +49,7 @@ Rollouts draw their randomness from ``(train.seed, step)`` and the prompts come 
 checkpointed iterator, so a resumed run collects exactly what the uninterrupted one did.
 
 Collected batches (``B * num_generations`` rows): the rows of
-:func:`lmstack.objectives.rollout_data.sequences`, ``scores`` (rows,) (the reward function's)
+:func:`lmstack.objectives.rollout_data.sequences`, ``scores`` (rows,) (the rewards)
 and, float32 (rows, N) each,
 ``old_logps``, ``old_values``, ``rewards`` (per token, KL-penalised), ``advantages``
 (whitened GAE) and ``returns`` (GAE advantages plus old values, before whitening).
@@ -49,6 +57,7 @@ and, float32 (rows, N) each,
 
 from __future__ import annotations
 
+import time
 from typing import Any, Iterator, Mapping
 
 import grain
@@ -185,17 +194,20 @@ class PPO(RolloutObjective):
 
     def collect(self, run: Any, state: dict, batch: dict, rng: jax.Array) -> tuple[dict, dict[str, float]]:
         """Rollouts, rewards, old log-probs and values, GAE advantages and returns for a batch of
-        prompts, then the adaptive KL coefficient's update (module docstring)."""
+        prompts, then the adaptive KL coefficient's update (module docstring). Metrics: the
+        sampling step's (:meth:`RolloutObjective.sample`), ``kl_coef``, :meth:`prepare`'s
+        statistics and ``prepare_s`` (seconds of its teacher-forced pass)."""
         rollout, scores, sampled = self.sample(run, state, batch, rng)
         rows = global_batch({**sequences(rollout), "scores": scores}, run.batch_sharding)
         if self._prepare is None:
             self._prepare = jax.jit(lambda p, f, b, c: self.prepare(nnx.merge(run.graphdef, p, f), b, c),
                                     out_shardings=(run.batch_sharding, replicated(run.mesh)))
         kl_coef = self.kl_coef
+        start = time.perf_counter()
         collected, stats = self._prepare(state["params"], state["frozen"], rows, jnp.float32(kl_coef))
         stats = {k: float(v) for k, v in jax.device_get(stats).items()}
         self.kl_coef = float(self.controller.update(kl_coef, stats["kl"], len(scores)))
-        return collected, {**sampled, "kl_coef": kl_coef, **stats}
+        return collected, {**sampled, "kl_coef": kl_coef, **stats, "prepare_s": time.perf_counter() - start}
 
     def prepare(self, model: Any, rows: dict[str, jax.Array], kl_coef: jax.Array) -> tuple[dict, dict]:
         """The collected batch from the rollout ``rows`` (with their ``scores`` (rows,)) and the

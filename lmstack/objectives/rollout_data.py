@@ -9,8 +9,12 @@ that answer rendered with ``objective.chat_template`` and the generation prompt 
 
 :class:`RolloutObjective` holds the prompts and answers of each split, samples rollouts
 with the policy (:func:`lmstack.rollout.sample_rollouts`) and decodes them for the
-registered reward ``objective.reward``; :func:`sequences` turns a rollout into the train
-step's rows and :func:`completion_hidden` / :func:`completion_logps` read them back
+registered reward function ``objective.reward`` against each record's answer, or scores
+the rows with a trained reward model, ``objective.reward_model``
+(:mod:`lmstack.rl.reward_model`; exactly one of the two is set), less
+``objective.missing_eos_penalty`` for a completion that ran to ``max_new_tokens`` without a
+stop token (TRL ``PPOConfig.missing_eos_penalty``); :func:`sequences` turns a rollout into the
+train step's rows and :func:`completion_hidden` / :func:`completion_logps` read them back
 teacher-forced.
 
 Collected rows (row ``r`` = sample ``r % n`` of prompt ``r // n``): ``tokens`` int32
@@ -38,6 +42,7 @@ from lmstack.objectives.reference import ReferencePolicy
 from lmstack.objectives.sft import render
 from lmstack.preference.logps import hidden_token_logps
 from lmstack.registry import names
+from lmstack.rl.reward_model import FrozenRewardModel
 from lmstack.rl.rewards import reward_fn
 from lmstack.rollout import sample_rollouts
 
@@ -50,7 +55,9 @@ ROLLOUT_DEFAULTS = dict(
     top_k=0,
     top_p=1.0,
     stop="",  # comma-separated texts of one token each that end a completion (the eos always does)
-    reward="exact_match",  # a registered reward: exact_match | gsm8k_strict | gsm8k_flexible
+    reward="",  # a registered reward function: exact_match | gsm8k_strict | gsm8k_flexible
+    reward_model="",  # or a trained reward model: an objective.reward_model run's workdir, W or W@STEP
+    missing_eos_penalty=0.0,  # subtracted from the reward of a completion cut at max_new_tokens (TRL's)
     loss_chunk=0,  # > 0: completion log-probs that many positions at a time, never the full logits
 )
 
@@ -82,7 +89,9 @@ class RolloutObjective:
     def __init__(self, cfg: Any, special_ids: Mapping[str, int] | None = None):
         self.cfg = cfg
         self.reference = ReferencePolicy(cfg)
-        self.reward = reward_fn(cfg.objective.reward)
+        o = cfg.objective
+        self.reward = reward_fn(o.reward) if o.reward else None
+        self.reward_model = FrozenRewardModel(o.reward_model) if o.reward_model else None
         self.answers: dict[str, list[str]] = {}
         self.prompts: dict[str, Prompts] = {}
 
@@ -103,9 +112,17 @@ class RolloutObjective:
         for key in ("max_prompt_len", "max_new_tokens"):
             if o[key] < 1:
                 out.append(f"objective.{key}={o[key]}: must be at least 1")
-        if o.reward not in names("reward"):
-            out.append(f"objective.reward={o.reward!r} is not a registered reward: choose one of "
-                       f"{', '.join(names('reward'))}")
+        rewards = ", ".join(names("reward"))
+        if o.reward and o.reward_model:
+            out.append(f"objective.reward={o.reward!r} and objective.reward_model={o.reward_model!r} both give the "
+                       f"reward: keep one (--config.objective.reward= scores with the reward model alone)")
+        elif not o.reward and not o.reward_model:
+            out.append(f"objective.name={name} needs a reward: set --config.objective.reward to one of {rewards} or "
+                       f"--config.objective.reward_model=WORKDIR (an objective.reward_model run)")
+        elif o.reward and o.reward not in names("reward"):
+            out.append(f"objective.reward={o.reward!r} is not a registered reward: choose one of {rewards}")
+        if o.missing_eos_penalty < 0:
+            out.append(f"objective.missing_eos_penalty={o.missing_eos_penalty}: must be >= 0 (it is subtracted)")
         if not 0 <= o.epsilon_low < 1 or o.epsilon_high < 0:
             out.append(f"objective.epsilon_low={o.epsilon_low}, epsilon_high={o.epsilon_high}: need 0 <= low < 1 "
                        f"and high >= 0")
@@ -113,6 +130,13 @@ class RolloutObjective:
             out.append(f"objective.name={name} samples with a KV cache: use model.name=decoder, not "
                        f"{cfg.model.name!r}")
         return out
+
+    def check_spec(self, spec: Any) -> None:
+        """Before a training run writes anything: ConfigError unless ``objective.reward_model``
+        (when set) is a reward model for this policy (``spec``: the run's spec), as
+        :meth:`lmstack.rl.reward_model.FrozenRewardModel.check` says."""
+        if self.reward_model is not None:
+            self.reward_model.check(spec, self.cfg)
 
     # --- data ------------------------------------------------------------------------
 
@@ -191,29 +215,40 @@ class RolloutObjective:
             out.append(self.tokenizer.decode(ids[:-1] if s else ids))
         return out
 
-    def scores(self, texts: Sequence[str], records: np.ndarray, n: int) -> np.ndarray:
-        """float32 (rows,): ``objective.reward`` of each completion text against its record's
-        training answer (``records`` (B,) the prompts' record indices, ``n`` completions each,
-        adjacent)."""
-        answers = [self.answers["train"][int(i)] for i in np.repeat(records, n)]
-        return np.array([self.reward(t, a) for t, a in zip(texts, answers)], np.float32)
+    def rewards(self, run: Any, rollout: Any, answers: Sequence[str]) -> tuple[np.ndarray, dict[str, float]]:
+        """float32 (rows,): each row's reward, ``objective.reward`` of its completion text against
+        ``answers[row]`` or the reward model's score of the row, less ``missing_eos_penalty``
+        where the row did not stop; and the metric ``reward_model_score`` (the scores' mean,
+        before the penalty) when a reward model scores."""
+        metrics = {}
+        if self.reward_model is None:
+            rewards = np.array([self.reward(t, a) for t, a in zip(self.completions(rollout), answers)], np.float32)
+        else:
+            rewards = self.reward_model.scores(rollout, pad_id(self.tokenizer), run.mesh)
+            metrics["reward_model_score"] = float(rewards.mean())
+        stopped = np.asarray(jax.device_get(rollout.stopped))
+        return rewards - np.float32(self.cfg.objective.missing_eos_penalty) * ~stopped, metrics
 
     def sample(self, run: Any, state: dict, batch: dict, rng: jax.Array) -> tuple[Any, np.ndarray, dict[str, float]]:
         """The collect phase's common part: ``num_generations`` completions of each prompt of
-        ``batch`` with ``state``'s policy, their rewards (float32 (rows,)), and the metrics
-        ``reward``, ``reward_std``, ``completion_length`` (tokens) and ``rollout_s`` (seconds)."""
+        ``batch`` with ``state``'s policy, their rewards against the records' training answers
+        (float32 (rows,), :meth:`rewards`), and the metrics ``reward``, ``reward_std``,
+        ``completion_length`` (tokens), ``rollout_s`` (seconds sampling) and ``reward_s``
+        (seconds scoring: decoding and the reward function, or the reward model), with
+        :meth:`rewards`' own."""
         o = self.cfg.objective
         n = o.num_generations
         host = {k: np.asarray(jax.device_get(v)) for k, v in batch.items()}
         start = time.perf_counter()
         rollout = self.rollouts(run, state, host["prompt_tokens"], host["prompt_lengths"], rng, n=n,
                                 temperature=o.temperature)
-        texts = self.completions(rollout)
-        rollout_s = time.perf_counter() - start
-        rewards = self.scores(texts, host["record"], n)
         lengths = np.asarray(jax.device_get(rollout.completion_lengths))
+        sampled = time.perf_counter()
+        answers = [self.answers["train"][int(i)] for i in np.repeat(host["record"], n)]
+        rewards, metrics = self.rewards(run, rollout, answers)
         return rollout, rewards, {"reward": float(rewards.mean()), "reward_std": float(rewards.std()),
-                                  "completion_length": float(lengths.mean()), "rollout_s": rollout_s}
+                                  "completion_length": float(lengths.mean()), "rollout_s": sampled - start,
+                                  "reward_s": time.perf_counter() - sampled, **metrics}
 
 def sequences(rollout: Any) -> dict[str, jax.Array]:
     """The rollout as the train step's batch: ``tokens`` (prompt then completion), ``segment_ids``
