@@ -93,13 +93,9 @@ def train_step(
     loss sums, ``aux`` sums and gradients are summed over them and divided by the total
     ``aux["weight"]`` once, so the update equals the full-batch one (objectives draw every
     randomness that shapes a batch per example in the data pipeline; an objective with
-    ``exact_microbatches = False`` is refused when the config loads). ``rng`` is the run's
-    base key (``jax.random.key(train.seed)``, the same every step): the step derives its own
-    key ``fold_in(rng, state["step"])`` inside the compiled program (an eager ``fold_in`` per
-    step on the host waited for the previous step to finish, serialising batch preparation
-    with device work: 7-9% of a step on the Shakespeare benchmark, ``tools/bench_shakespeare.py``).
-    It only feeds the model's dropout: microbatch i gets ``fold_in(key, i)``, so with dropout
-    the masks (not the batch) differ between microbatch counts, equal in distribution only.
+    ``exact_microbatches = False`` is refused when the config loads). ``rng`` only feeds
+    the model's dropout: microbatch i gets ``fold_in(rng, i)``, so with dropout the masks
+    (not the batch) differ between microbatch counts, equal in distribution only.
 
     ``frozen_layers`` k > 0 zeroes the updates (weight decay included) of the first k
     layers of every stacked parameter, so they stay exactly as they were; the trainable set
@@ -121,7 +117,6 @@ def train_step(
     update applied: ``schedule(count)`` before the update, 0 where it was skipped.
     """
     params = state["params"]
-    rng = jax.random.fold_in(rng, state["step"])
     loss_sum, aux, grads = _loss_and_grads(graphdef, params, state["frozen"], objective, batch, rng, microbatches)
     weight = jnp.maximum(aux["weight"], 1.0)
     grads = jax.tree.map(lambda g: g / weight, grads)

@@ -3,7 +3,7 @@
 Nothing here knows what the model or the objective is; both come from the registry by the
 names in the config. Re-running the same command in a workdir that holds a checkpoint
 resumes from it exactly: the state, the data iterator's position and the per-step RNG
-(``fold_in(seed, step)``, taken inside the compiled step) all continue where they stopped.
+(``fold_in(seed, step)``) all continue where they stopped.
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *, accept_changed_data: bool
             while step < cfg.train.steps and not stop.stopping:
                 batch = global_batch(next(train_iter), bsh, cfg.train.batch_size)
                 batch, collected = run.collect(state, batch, step)
-                state, metrics = step_fn(state, batch, base_rng)
+                state, metrics = step_fn(state, batch, jax.random.fold_in(base_rng, step))
                 step += 1
                 bar.update(1)
                 if step % cfg.train.log_every == 0 or step == cfg.train.steps or step == start + 1:

@@ -71,6 +71,7 @@ class LmstackSide:
         self.step_fn, self.eval_fn = self.run.train_step(), self.run.eval_step()
         self.batches = self.run.objective.train_batches(self.data)
         self.rng = jax.random.key(self.cfg.train.seed)
+        self.step = 0
 
     def train(self, n: int) -> float:
         """Seconds for ``n`` updates, up to the last one's result."""
@@ -82,7 +83,8 @@ class LmstackSide:
         with jax.set_mesh(self.run.mesh):
             for _ in range(n):
                 batch = global_batch(next(self.batches), self.run.batch_sharding, self.cfg.train.batch_size)
-                self.state, _ = self.step_fn(self.state, batch, self.rng)
+                self.state, _ = self.step_fn(self.state, batch, jax.random.fold_in(self.rng, self.step))
+                self.step += 1
             jax.block_until_ready(self.state)
         return time.perf_counter() - t0
 

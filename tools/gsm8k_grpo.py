@@ -101,7 +101,7 @@ def main() -> None:
                 t, cpu = time.perf_counter(), time.process_time()
                 batch = global_batch(next(batches), run.batch_sharding, cfg.train.batch_size)
                 batch, collected = run.collect(state, batch, step)
-                state, metrics = step_fn(state, batch, jax.random.key(cfg.train.seed))
+                state, metrics = step_fn(state, batch, jax.random.fold_in(jax.random.key(cfg.train.seed), step))
                 jax.block_until_ready(metrics)
                 times.append((time.perf_counter() - t, collected["rollout_s"], time.process_time() - cpu))
                 rewards.append(collected["reward"])
