@@ -14,18 +14,18 @@ import os
 import time
 from pathlib import Path
 
-from lmstack.config import load_config
+from lmstack.config import import_experiment, load_config
 from lmstack.train import train
-
-METHODS = ("full", "replay", "l2sp", "ewc", "low_lr")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", required=True, help="the child's corpus (Tiny Shakespeare's input.txt)")
     ap.add_argument("--workdir", default="runs/forgetting_table")
-    ap.add_argument("--parent-steps", type=int, default=300)
-    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--parent-steps", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--methods", default=",".join(import_experiment("continued_pretraining").METHODS),
+                    help="comma-separated methods of experiments/continued_pretraining.py (default: all)")
     args = ap.parse_args()
     root = Path(args.workdir)
     common = ["--config.train.progress=false", "--config.checkpoint.async_save=false"]
@@ -37,7 +37,7 @@ def main() -> None:
     print(f"parent: {args.parent_steps} steps, held-out perplexity {summary['eval']['perplexity']:.2f} "
           f"({time.perf_counter() - t:.0f} s)", flush=True)
     rows = []
-    for method in METHODS:
+    for method in args.methods.split(","):
         cfg = load_config(f"continued_pretraining:smoke=True,method={method},parent={root / 'parent'}",
                           common + [f"--config.data.path={args.data}", f"--config.train.steps={args.steps}",
                                     "--config.optimizer.warmup_steps=10", "--config.eval.every=0",
