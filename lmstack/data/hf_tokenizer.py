@@ -8,8 +8,10 @@ writes both, so an exported model folder loads with ``transformers.AutoTokenizer
 
 lmstack adds special tokens itself (``Tokenizer.encode`` adds none; the data pipeline puts
 bos first where ``add_bos`` and eos last), so the `tokenizers` post-processor is used only by
-:meth:`HFTokenizer.encode_pair`, HF's ``tokenizer(text, text_pair)``. lmstack never pads or
-truncates: the padding and truncation a ``tokenizer.json`` may carry are dropped.
+:meth:`HFTokenizer.encode_pair`, HF's ``tokenizer(text, text_pair)``, and
+:meth:`HFTokenizer.encode_framed`, HF's ``tokenizer(text, truncation=True, max_length=n)`` (the
+input of a sequence classifier). The padding and truncation a ``tokenizer.json`` may carry
+are dropped: lmstack never pads, and truncates only in ``encode_framed``, to the length asked.
 
 Needs the optional ``tokenizers`` package.
 """
@@ -72,6 +74,7 @@ class HFTokenizer:
         self._tok.no_truncation()
         self._tok.no_padding()
         self._json = self._tok.to_str()
+        self._framing: dict[int, tokenizers.Tokenizer] = {}  # encode_framed's truncating copies
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
         self.add_bos = bool(add_bos)
@@ -122,6 +125,24 @@ class HFTokenizer:
         ids 0 then 1 for BERT; bos first for Llama. For encoder inputs and sentence pairs."""
         enc = self._tok.encode(text, text_pair, add_special_tokens=True)
         return enc.ids, enc.type_ids
+
+    def encode_framed(self, text: str, max_len: int | None = None) -> list[int]:
+        """The ids of ``text`` framed by the tokenizer's post-processor and cut to ``max_len``
+        tokens (None: not cut), as HF's ``tokenizer(text, truncation=True, max_length=max_len)``:
+        the text is shortened and the frame kept, ``[CLS] text [SEP]`` for BERT, ``<s> text``
+        for Llama. Without a post-processor, ``[bos] + text`` where ``add_bos`` (lmstack's
+        framing of documents and prompts), cut to ``max_len``."""
+        if self._tok.post_processor is None:
+            ids = ([self.bos_id] if self.add_bos else []) + self.encode(text)
+            return ids[:max_len] if max_len else ids
+        if not max_len:
+            return self._tok.encode(text, add_special_tokens=True).ids
+        framing = self._framing.get(max_len)
+        if framing is None:  # a truncating copy per length; the main copy never truncates
+            framing = type(self._tok).from_str(self._json)
+            framing.enable_truncation(max_len)
+            self._framing[max_len] = framing
+        return framing.encode(text, add_special_tokens=True).ids
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike) -> HFTokenizer:

@@ -21,12 +21,21 @@ from lmstack.data.tokenizers import Tokenizer, with_bos
 Batch = dict[str, np.ndarray]
 
 
+def frame_text(text: str, tokenizer: Tokenizer, seq_len: int) -> list[int]:
+    """The ids a classifier reads for ``text``, at most ``seq_len`` of them: as the Hugging Face
+    tokenizer frames a single text (``tokenizer(text, truncation=True, max_length=seq_len)``)
+    where the tokenizer is one (``[CLS] text [SEP]`` for BERT, the frame kept when the text is
+    cut), otherwise ``[bos] + text`` (bos where the tokenizer adds one) cut to ``seq_len``.
+    ``seq_len`` 0: not cut (the whole framed length)."""
+    if hasattr(tokenizer, "encode_framed"):
+        return tokenizer.encode_framed(text, seq_len)
+    return (with_bos(tokenizer, []) + tokenizer.encode(text))[:seq_len or None]
+
+
 def encode_labelled(texts: Sequence[str], labels: Sequence[int], tokenizer: Tokenizer,
                     seq_len: int) -> list[dict[str, np.ndarray]]:
-    """One example per text: ``tokens`` int32 ``[bos] + text`` (bos where the tokenizer adds one,
-    as Hugging Face tokenizers do for classification inputs) cut to ``seq_len``, and ``label``."""
-    head = with_bos(tokenizer, [])
-    return [{"tokens": np.asarray((head + tokenizer.encode(t))[:seq_len], np.int32), "label": np.int32(y)}
+    """One example per text: ``tokens`` int32 (:func:`frame_text`) and ``label``."""
+    return [{"tokens": np.asarray(frame_text(t, tokenizer, seq_len), np.int32), "label": np.int32(y)}
             for t, y in zip(texts, labels)]
 
 

@@ -10,7 +10,8 @@ naming the record.
 
 The model is a family with a classification head (``model.num_labels`` = the number of
 labels): ``model.classify(tokens, segment_ids, rng) -> (b, num_labels)`` float32 logits.
-Batches hold ``tokens`` and ``segment_ids`` (b, seq_len) (``[bos] + text``, truncated, 1 on
+Batches hold ``tokens`` and ``segment_ids`` (b, seq_len) (the text framed as the Hugging Face
+tokenizer frames it, ``[CLS] text [SEP]`` for BERT, else ``[bos] + text``; truncated; 1 on
 tokens and 0 on padding) and ``labels`` (b,) (-1 on the padding rows of the last held-out
 batch). The loss is the summed cross-entropy, ``aux["weight"]`` the number of examples.
 """
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 import optax
 
 from lmstack.data.formats import Labelled, source_problems
-from lmstack.data.labelled import Examples, encode_labelled, ordered_batches, shuffled_batches
+from lmstack.data.labelled import Examples, encode_labelled, frame_text, ordered_batches, shuffled_batches
 from lmstack.data.sources import DataError
 from lmstack.data.tokenizers import Tokenizer
 from lmstack.registry import register
@@ -71,7 +72,8 @@ class Classify:
     @classmethod
     def encode_records(cls, cfg: Any, tokenizer: Tokenizer, records: Sequence[Labelled],
                        split: str) -> tuple[list[dict], list[str]]:
-        """Each record as ``[bos] + text`` cut to ``data.seq_len`` tokens with its class index,
+        """Each record framed (:func:`lmstack.data.labelled.frame_text`: ``[CLS] text [SEP]`` with a
+        BERT tokenizer, ``[bos] + text`` otherwise) in ``data.seq_len`` tokens with its class index,
         and a printout line with the counts. Raises DataError (the record, the label set) for
         a label outside ``objective.labels``."""
         labels = parse_labels(cfg.objective.labels)
@@ -82,7 +84,7 @@ class Classify:
                                 f"({', '.join(labels)}): add it to --config.objective.labels or fix the record")
         examples = encode_labelled([r.text for r in records], [index[r.label] for r in records], tokenizer,
                                    cfg.data.seq_len)
-        cut = sum(len(tokenizer.encode(r.text)) + 1 > cfg.data.seq_len for r in records)
+        cut = sum(len(frame_text(r.text, tokenizer, 0)) > cfg.data.seq_len for r in records)
         counts = ", ".join(f"{name} {sum(r.label == name for r in records):,}" for name in labels)
         return examples, [f"{split}: {len(records):,} labelled texts ({counts}); {cut:,} cut to "
                           f"data.seq_len = {cfg.data.seq_len} tokens"]

