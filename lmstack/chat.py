@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import sys
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -98,6 +98,43 @@ def reply(model: nnx.Module, tokenizer: Tokenizer, messages: list[dict], *, temp
     if on_text is not None and text != shown:
         on_text(text[len(shown):])
     return text
+
+
+def greedy_replies(model: nnx.Module, tokenizer: Tokenizer, conversations: Sequence[list[dict]], *,
+                   max_new_tokens: int, template: str = "", batch_size: int = 16) -> list[str]:
+    """The greedy reply to each conversation, as :func:`reply` at temperature 0 gives it one at a
+    time, cut before the first end-of-turn marker (:data:`END_OF_TURN`, also where the tokenizer
+    spells it in several tokens, as a byte or SentencePiece vocabulary does). Batched: the
+    prompts are left-padded to the longest and decoded ``batch_size`` rows at a time
+    (:func:`lmstack.rollout.sample_rollouts`; one compile per call, the last batch filled with
+    repeats). ConfigError when the longest prompt plus ``max_new_tokens`` exceeds the model's context."""
+    from lmstack.rollout import sample_rollouts
+
+    prompts = [prompt_ids(tokenizer, messages, template) for messages in conversations]
+    if not prompts:
+        return []
+    longest = max(map(len, prompts))
+    window = int(model.cfg.max_seq_len)
+    if longest + max_new_tokens > window:
+        raise ConfigError(f"the longest conversation is {longest} tokens, which with max_new_tokens={max_new_tokens} "
+                          f"exceeds the model's context of {window}: lower max_new_tokens or shorten the messages")
+    graphdef, state = nnx.split(model)
+    stops = sorted(stop_ids(tokenizer))
+    out = []
+    for first in range(0, len(prompts), batch_size):
+        rows = prompts[first:first + batch_size]
+        keep = len(rows)
+        rows += [rows[-1]] * (batch_size - keep)
+        rollout = sample_rollouts(graphdef, state, rows, n=1, max_new_tokens=max_new_tokens, max_prompt_len=longest,
+                                  rng=jax.random.key(0), stop_ids=stops, temperature=0.0)
+        tokens, lengths, stopped = jax.device_get((rollout.completion_tokens, rollout.completion_lengths,
+                                                   rollout.stopped))
+        for r in range(keep):
+            text = tokenizer.decode(tokens[r, :lengths[r] - int(stopped[r])].tolist())
+            for marker in END_OF_TURN:
+                text = text.split(marker)[0]
+            out.append(text)
+    return out
 
 
 def chat_workdir(workdir: str | Path, *, prompt: str | None, system: str = "", template: str = "",

@@ -80,6 +80,29 @@ def device_bytes(tree) -> int:
     return sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree))
 
 
+def compiled_step(run, data, state: dict, batch: int):
+    """Compile ``run``'s train step for its first training batch of ``batch`` rows (inside
+    ``jax.set_mesh(run.mesh)``): (the compiled step, the batch, figures): ``total`` and
+    ``trainable`` parameters, ``devices``, ``compile_s``, the compiled step's ``args`` and
+    ``temps`` bytes (``memory_analysis()``) and the state's bytes per device, ``params_b``
+    (trainable), ``frozen_b`` and ``opt_b`` (see the module docstring)."""
+    import jax
+
+    from lmstack.distributed import global_batch
+    from lmstack.trainstate import param_count, trainable_count
+
+    b = global_batch(next(run.objective.train_batches(data)), run.batch_sharding, batch)
+    t0 = time.perf_counter()
+    compiled = run.train_step().lower(state, b, jax.random.key(0)).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    return compiled, b, dict(
+        total=param_count(run.abstract), trainable=trainable_count(run.abstract), devices=len(run.mesh.devices.flat),
+        compile_s=compile_s, args=mem.argument_size_in_bytes, temps=mem.temp_size_in_bytes,
+        params_b=device_bytes(state["params"]), frozen_b=device_bytes(state["frozen"]),
+        opt_b=device_bytes(state["opt_state"]))
+
+
 def worker(variant: str, data_path: str, batch: int, seq: int, devices: int, conn) -> None:
     """Build ``variant``'s run on ``devices`` CPU devices, compile its step, report; then step
     as the parent asks."""
@@ -87,28 +110,17 @@ def worker(variant: str, data_path: str, batch: int, seq: int, devices: int, con
     import lmstack  # noqa: F401  (XLA:CPU defaults before jax starts)
     import jax
 
-    from lmstack.distributed import global_batch
     from lmstack.run import Run
-    from lmstack.trainstate import param_count, trainable_count
 
     jax.devices()
     rss_start = peak_rss()
     with tempfile.TemporaryDirectory(prefix="bench-peft-") as workdir:
         run, data = Run.for_training(config(variant, data_path, batch, seq), workdir)
         state = run.starting_state()
-        b = global_batch(next(run.objective.train_batches(data)), run.batch_sharding, batch)
-        rng = jax.random.key(0)
         with jax.set_mesh(run.mesh):
-            t0 = time.perf_counter()
-            compiled = run.train_step().lower(state, b, rng).compile()
-            compile_s = time.perf_counter() - t0
-            mem = compiled.memory_analysis()
-            info = dict(
-                variant=variant, total=param_count(run.abstract), trainable=trainable_count(run.abstract),
-                devices=len(run.mesh.devices.flat), compile_s=compile_s,
-                args=mem.argument_size_in_bytes, temps=mem.temp_size_in_bytes,
-                params_b=device_bytes(state["params"]), frozen_b=device_bytes(state["frozen"]),
-                opt_b=device_bytes(state["opt_state"]), rss_start=rss_start)
+            compiled, b, info = compiled_step(run, data, state, batch)
+            info.update(variant=variant, rss_start=rss_start)
+            rng = jax.random.key(0)
             state, metrics = compiled(state, b, rng)
             info["loss"] = float(metrics["loss"])  # the warm step
             conn.send(info)

@@ -56,13 +56,14 @@ import io
 import json
 import pathlib
 import re
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import ml_collections as mlc
 import numpy as np
 
 from lmstack.config import ConfigError
 from lmstack.data.sources import DataError, read_utf8, resolve_paths
+from lmstack.data.tokenizers import cache_dir, write_atomic
 from lmstack.registry import lookup, names, register
 
 ROLES = ("system", "user", "assistant")
@@ -153,6 +154,23 @@ def split_records(records: list[Record], val_fraction: float, seed: int) -> tupl
                         f"lower --config.data.val_fraction or use more data")
     held = set(np.random.default_rng(seed).permutation(len(records))[:n_val].tolist())
     return ([r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held])
+
+
+def task_files(name: str, splits: dict[str, Callable[[], Iterable[dict[str, str]]]]) -> dict[str, pathlib.Path]:
+    """``{split: PATH}``: a generated task's splits as ``prompt_completion`` JSONL (one
+    ``{"prompt", "completion"}`` object a line, what ``data.source=prompt_completion`` reads with its
+    default fields) in ``$LMSTACK_CACHE/tasks/NAME/SPLIT.jsonl`` (default ``~/.cache/lmstack``).
+    ``splits`` maps each split to a function giving its rows, called only when the file is missing:
+    files already there are kept, so ``name`` must say everything the rows depend on. Each file is
+    written to a temporary name and renamed, so concurrent callers never read half a file."""
+    folder = cache_dir() / "tasks" / name
+    paths = {split: folder / f"{split}.jsonl" for split in splits}
+    for split, rows in splits.items():
+        if not paths[split].is_file():
+            text = "".join(json.dumps({"prompt": r["prompt"], "completion": r["completion"]}, ensure_ascii=False)
+                           + "\n" for r in rows())
+            write_atomic(paths[split], text.encode("utf-8"))
+    return paths
 
 
 def record_type(source: str) -> type:

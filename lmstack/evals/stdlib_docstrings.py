@@ -14,19 +14,25 @@ from __future__ import annotations
 import importlib
 import inspect
 import random
+from typing import Callable
 
 MODULES = ("base64", "calendar", "difflib", "fnmatch", "functools", "json", "quopri", "re", "shutil", "statistics",
            "tempfile", "textwrap", "urllib.parse")
 N_CHOICES = 4
 
 
+def public_functions(module_name: str) -> list[tuple[str, Callable]]:
+    """(name, function) of the module's public functions written in Python and defined in it
+    (not imported into it), sorted by name."""
+    module = importlib.import_module(module_name)
+    return [(name, obj) for name, obj in sorted(vars(module).items())
+            if not name.startswith("_") and inspect.isfunction(obj) and obj.__module__ == module.__name__]
+
+
 def documented_functions(module_name: str) -> list[tuple[str, str]]:
     """(name, first docstring line) of the module's public Python functions, sorted by name."""
-    module = importlib.import_module(module_name)
     found = []
-    for name, obj in sorted(vars(module).items()):
-        if name.startswith("_") or not inspect.isfunction(obj) or obj.__module__ != module.__name__:
-            continue
+    for name, obj in public_functions(module_name):
         doc = inspect.getdoc(obj)
         first = doc.strip().splitlines()[0].strip() if doc and doc.strip() else ""
         if len(first) >= 10:

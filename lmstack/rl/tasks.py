@@ -12,15 +12,12 @@ cache (``$LMSTACK_CACHE``), what ``experiments/sft_addition.py`` and ``grpo_addi
 
 from __future__ import annotations
 
-import json
-import os
 import pathlib
-import tempfile
 
 import numpy as np
 
 from lmstack.config import ConfigError
-from lmstack.data.tokenizers import cache_dir
+from lmstack.data.formats import task_files
 
 SPLITS = ("train", "test")
 
@@ -83,18 +80,11 @@ def addition_files(*, digits: int, n_train: int, n_test: int, seed: int = 0,
                    test_fraction: float = 0.1) -> dict[str, pathlib.Path]:
     """``{"train": PATH, "test": PATH}``: :func:`addition_problems` of each split as
     ``prompt_completion`` JSONL (``{"prompt": "12+345=", "completion": "357"}`` per line) under
-    ``$LMSTACK_CACHE/tasks/`` (default ``~/.cache/lmstack``), in a folder named by every argument.
-    Idempotent: files already there are kept; each is written to a temporary name and renamed,
-    so concurrent callers never read half a file. ConfigError as :func:`addition_problems`."""
-    folder = cache_dir() / "tasks" / f"addition-d{digits}-train{n_train}-test{n_test}-seed{seed}-f{test_fraction:g}"
-    paths = {split: folder / f"{split}.jsonl" for split in SPLITS}
-    for split, n in (("train", n_train), ("test", n_test)):
-        if paths[split].is_file():
-            continue
-        rows = addition_problems(n, digits=digits, split=split, seed=seed, test_fraction=test_fraction)
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{split}-", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps({"prompt": r["prompt"], "completion": r["answer"]}) + "\n" for r in rows)
-        os.replace(tmp, paths[split])
-    return paths
+    ``$LMSTACK_CACHE/tasks/`` (default ``~/.cache/lmstack``), in a folder named by every argument,
+    written once (:func:`lmstack.data.formats.task_files`). ConfigError as :func:`addition_problems`."""
+    def rows(split: str, n: int):
+        return lambda: [{"prompt": p["prompt"], "completion": p["answer"]} for p in addition_problems(
+            n, digits=digits, split=split, seed=seed, test_fraction=test_fraction)]
+
+    return task_files(f"addition-d{digits}-train{n_train}-test{n_test}-seed{seed}-f{test_fraction:g}",
+                      {"train": rows("train", n_train), "test": rows("test", n_test)})

@@ -212,3 +212,23 @@ def test_placeholders_fill_every_record_type_and_bad_values_are_one_line(tmp_pat
         f"(it sets author): add 'name' to it")
     with pytest.raises(ConfigError, match=r"^data.placeholders='\[1\]' is not a JSON object of strings: write e.g. "):
         load_records(_cfg("alpaca", plain, placeholders="[1]"))
+
+
+def test_task_files_write_each_split_once_and_atomically(tmp_path, monkeypatch):
+    from lmstack.data.formats import task_files
+
+    monkeypatch.setenv("LMSTACK_CACHE", str(tmp_path))
+    calls = []
+
+    def rows(split):
+        def make():
+            calls.append(split)
+            return [{"prompt": f"{split} é?", "completion": "ok", "extra": 1}]
+        return make
+
+    paths = task_files("demo-v1", {"train": rows("train"), "test": rows("test")})
+    assert paths == {s: tmp_path / "tasks" / "demo-v1" / f"{s}.jsonl" for s in ("train", "test")}
+    assert paths["train"].read_text(encoding="utf-8") == '{"prompt": "train é?", "completion": "ok"}\n'
+    assert task_files("demo-v1", {"train": rows("train"), "test": rows("test")}) == paths
+    assert calls == ["train", "test"]  # the second call found both files and generated nothing
+    assert sorted(p.name for p in paths["train"].parent.iterdir()) == ["test.jsonl", "train.jsonl"]  # no temporaries
