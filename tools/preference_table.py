@@ -37,16 +37,19 @@ from lmstack.run import Run
 from lmstack.sample import open_for_generation
 from lmstack.train import train
 
+from curves import plot_curves, series  # tools/curves.py, beside this script
+
 LOSSES = ("sigmoid", "ipo", "simpo", "kto")
 
 
 def overrides(args: argparse.Namespace, steps: int, lr: float | None = None, evals: str = "'pair_accuracy',"
               ) -> list[str]:
     """The short-run settings every run shares; held-out evaluation by ``evals`` only (one
-    pass over the held-out pairs: eval.perplexity would make a second)."""
+    pass over the held-out pairs: eval.perplexity would make a second); every step logged, for
+    the reward curves."""
     out = [f"--config.eval.names=({evals})", "--config.train.progress=false", "--config.checkpoint.async_save=false", "--config.log.tensorboard=false",
            f"--config.train.steps={steps}", f"--config.train.batch_size={args.batch_size}",
-           f"--config.train.log_every={max(steps // 4, 1)}", f"--config.data.seq_len={args.seq_len}",
+           "--config.train.log_every=1", f"--config.data.seq_len={args.seq_len}",
            f"--config.data.max_records={args.records}", f"--config.data.val_fraction={args.val_fraction}",
            f"--config.optimizer.warmup_steps={max(steps // 10, 1)}", "--config.eval.every=0",
            "--config.eval.batches=0", f"--config.checkpoint.every={steps}", "--config.sample.max_new_tokens=1"]
@@ -71,6 +74,24 @@ def pair_scores(run: Run, data: Any, state: dict) -> dict[str, float]:
     ctx = EvalContext(cfg=run.cfg, data=data, objective=run.objective, batches=run.objective.eval_batches(data),
                       loss_sums=None, model=lambda: run.model(state), run=run)
     return dict(pair_accuracy(ctx))
+
+
+def reward_curves(workdir: Path, loss: str) -> Path:
+    """``workdir/../LOSS_rewards.png``: the implicit rewards the run logged at every step, the
+    batch means of ``rewards/chosen``, ``rewards/rejected`` and ``rewards/margins`` (KTO: the
+    desirable and undesirable completions' mean reward, ``rewards/chosen_sum / count/chosen``
+    as TRL's KTOTrainer reports it, and the reference point ``kl``)."""
+    if loss == "kto":
+        chosen, n_chosen = series(workdir, "train/rewards/chosen_sum"), series(workdir, "train/count/chosen")
+        rejected, n_rejected = series(workdir, "train/rewards/rejected_sum"), series(workdir, "train/count/rejected")
+        curves = {"rewards/chosen (desirable)": {s: v / n_chosen[s] for s, v in chosen.items() if n_chosen[s]},
+                  "rewards/rejected (undesirable)": {s: v / n_rejected[s] for s, v in rejected.items() if n_rejected[s]},
+                  "kl (reference point z)": series(workdir, "train/kl")}
+    else:
+        curves = {k: series(workdir, f"train/{k}") for k in ("rewards/chosen", "rewards/rejected", "rewards/margins")}
+    return plot_curves(curves, workdir.parent / f"{loss}_rewards.png", xlabel=f"{loss} step",
+                       ylabel="implicit reward (batch mean)",
+                       title=f"{loss} on SmolLM2-135M-Instruct, LoRA: training batches' implicit rewards")
 
 
 def main() -> None:
@@ -114,7 +135,7 @@ def main() -> None:
         rows.append(dict(loss=loss, before=before, acc=ev["pair_accuracy/accuracy"], margin=ev["pair_accuracy/margin"],
                          pairs=int(ev["pair_accuracy/pairs"]), compile_s=summary["compile_s"],
                          ms=summary["ms_per_step"], wall=wall))
-        print(f"{loss}: {rows[-1]}", flush=True)
+        print(f"{loss}: {rows[-1]}; wrote {reward_curves(workdir, loss)}", flush=True)
     rm = None
     if args.rm_steps:
         cfg = load_config("reward_model", overrides(args, args.rm_steps))

@@ -34,6 +34,8 @@ from lmstack.metrics_log import read_metrics
 from lmstack.run import Run
 from lmstack.train import train
 
+from curves import plot_curves  # tools/curves.py, beside this script
+
 
 def starting_accuracy(cfg, workdir: Path) -> dict[str, float]:
     """The evaluators of ``cfg`` (eval.rollout_reward) on the weights its run starts from
@@ -61,26 +63,9 @@ def step_times(cfg, workdir: Path) -> list[dict[str, float]]:
 
 
 def plot(rows: list[dict], evals: dict[int, float], path: Path, method: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [r["step"] for r in rows]
-    rewards = [r["reward"] for r in rows]
-    k = 10
-    smooth = [statistics.mean(rewards[max(0, i - k + 1):i + 1]) for i in range(len(rewards))]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, rewards, color="0.75", label="train reward (mean of the step's completions)")
-    ax.plot(steps, smooth, color="C0", label=f"train reward, mean of {k} steps")
-    ax.plot(list(evals), list(evals.values()), "o-", color="C3", label="held-out accuracy (greedy)")
-    ax.set_xlabel(f"{method} step")
-    ax.set_ylabel("exact match")
-    ax.set_ylim(0, 1)
-    ax.set_title(f"{method} on the addition task, from the SFT model")
-    ax.legend(loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    curves = {"train reward": {r["step"]: r["reward"] for r in rows}, "held-out accuracy (greedy)": evals}
+    plot_curves(curves, path, title=f"{method} on the addition task, from the SFT model", xlabel=f"{method} step",
+                ylabel="exact match", smooth={"train reward": 10}, ylim=(0, 1), markers=("held-out accuracy (greedy)",))
 
 
 def measure(method: str, args: argparse.Namespace, root: Path, common: list[str], sft_line: str) -> None:

@@ -22,8 +22,14 @@ are 0 when the policy equals the reference), per microbatch.
 
 ``aux["weight"]`` is the number of pairs (KTO: completions); ``aux`` adds the summed implicit
 rewards ``beta * (log pi - log pi_ref)`` (``rewards/chosen``, ``rewards/rejected``,
-``rewards/margins``, ``rewards/accuracies``), so ``eval.perplexity``'s normalised metrics are
-TRL's. :meth:`DPO.pair_rewards` gives ``eval.pair_accuracy`` the implicit rewards.
+``rewards/margins``, ``rewards/accuracies``), so the trainer's per-step metrics (every ``aux``
+sum divided by the weight) and ``eval.perplexity``'s are TRL's batch means. KTO's ``aux`` is
+TRL's KTO metrics: ``rewards/chosen_sum``, ``rewards/rejected_sum`` (``beta * (log pi - log
+pi_ref)`` summed over the desirable and the undesirable completions), ``count/chosen``,
+``count/rejected`` and ``kl`` (the reference point ``z``); divided by the weight as every
+``aux``, the counts are the desirable and undesirable fractions and the sums per completion, so
+``rewards/chosen_sum / count/chosen`` is TRL's ``rewards/chosen``, and ``kl`` is ``z`` (under
+accumulation, the completion-weighted mean of the microbatches' ``z``). :meth:`DPO.pair_rewards` gives ``eval.pair_accuracy`` the implicit rewards.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ from lmstack.preference.losses import LOSS_TYPES, REFERENCE_FREE, check_loss_opt
 from lmstack.registry import register
 
 PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+KTO_METRICS = ("kl", "rewards/chosen_sum", "rewards/rejected_sum", "count/chosen", "count/rejected")
 
 
 def reply_logps(model: Any, batch: Mapping[str, jax.Array], sequences: Sequence[str],
@@ -179,10 +186,14 @@ class DPO:
         real = (batch[f"{self.sequences[0]}_segment_ids"][:, 0] > 0).astype(jnp.float32)  # padding rows: segment 0
         if o.loss_type == "kto":
             (lp, _), (rp, _) = policy[0], ref[0]
-            desirable = batch["desirable"].astype(jnp.float32) * real
-            losses, metrics = kto_loss(lp, rp, desirable > 0, (lp - rp) * real, jnp.zeros_like(lp), beta=o.beta,
-                                       desirable_weight=o.desirable_weight, undesirable_weight=o.undesirable_weight)
-            return jnp.sum(losses * real), {"weight": jnp.sum(real)}
+            losses, metrics = kto_loss(lp, rp, batch["desirable"] > 0, lp - rp, jnp.zeros_like(lp), beta=o.beta,
+                                       desirable_weight=o.desirable_weight, undesirable_weight=o.undesirable_weight,
+                                       valid_b=real > 0)
+            weight = jnp.sum(real)
+            # the trainer divides every aux sum by the weight: kl * weight comes back as the
+            # completion-weighted mean of the microbatches' reference points
+            aux = {k: metrics[k] for k in KTO_METRICS if k != "kl"}
+            return jnp.sum(losses * real), {"weight": weight, "kl": metrics["kl"] * weight, **aux}
         (pc, lc), (pr, lr) = policy
         rc, rr = (None, None) if ref is None else (ref[0][0], ref[1][0])
         losses, metrics = preference_loss(o.loss_type, pc, pr, rc, rr, chosen_lengths=lc, rejected_lengths=lr,

@@ -203,6 +203,7 @@ def kto_loss(
     beta: float,
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
+    valid_b: jax.Array | None = None,
 ) -> tuple[jax.Array, Metrics]:
     """``(losses_b, metrics)`` of KTO (Ethayarajh et al. 2024; TRL ``KTOTrainer``
     ``loss_type="kto"``) on unpaired examples.
@@ -211,7 +212,9 @@ def kto_loss(
     ``[b]``, the example's label; ``kl_policy``, ``kl_ref``: summed log-probs ``[k]`` of
     mismatched completions (each prompt with another example's completion, TRL's KL dataset).
     The reference point ``z = max(0, mean(kl_policy - kl_ref))`` carries no gradient and is
-    taken over the whole (global) batch given, one microbatch under accumulation. With
+    taken over the whole (global) batch given, one microbatch under accumulation; ``valid_b``
+    (bool ``[b]``, default all): the rows that count, the others (a batch's padding) left out of
+    ``z`` (then ``kl_*`` are ``[b]``, row-aligned), the sums and the counts. With
     ``r = policy - ref``, a desirable example's loss is ``desirable_weight * (1 - sigma(beta (r -
     z)))``, an undesirable one's ``undesirable_weight * (1 - sigma(beta (z - r)))``.
 
@@ -224,20 +227,27 @@ def kto_loss(
         if not value > 0:
             raise ConfigError(f"objective.{key}={value}: must be positive")
     desirable = desirable_b.astype(jnp.bool_)
-    z = jax.lax.stop_gradient(jnp.maximum(jnp.mean(kl_policy - kl_ref), 0.0))
+    if valid_b is None:
+        kl_mean = jnp.mean(kl_policy - kl_ref)
+        valid = jnp.ones_like(desirable)
+    else:
+        valid = valid_b.astype(jnp.bool_)
+        kl_mean = jnp.sum(jnp.where(valid, kl_policy - kl_ref, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+    z = jax.lax.stop_gradient(jnp.maximum(kl_mean, 0.0))
     ratio = policy_logps - ref_logps
     losses = jnp.where(desirable,
                        desirable_weight * (1 - jax.nn.sigmoid(beta * (ratio - z))),
                        undesirable_weight * (1 - jax.nn.sigmoid(beta * (z - ratio))))
     rewards, logps = jax.lax.stop_gradient((beta * ratio, policy_logps))
     zero = jnp.zeros_like(rewards)
+    chosen, rejected = valid & desirable, valid & ~desirable
     metrics = {
         "kl": z,
-        "rewards/chosen_sum": jnp.sum(jnp.where(desirable, rewards, zero)),
-        "rewards/rejected_sum": jnp.sum(jnp.where(desirable, zero, rewards)),
-        "logps/chosen_sum": jnp.sum(jnp.where(desirable, logps, zero)),
-        "logps/rejected_sum": jnp.sum(jnp.where(desirable, zero, logps)),
-        "count/chosen": jnp.sum(desirable).astype(rewards.dtype),
-        "count/rejected": jnp.sum(~desirable).astype(rewards.dtype),
+        "rewards/chosen_sum": jnp.sum(jnp.where(chosen, rewards, zero)),
+        "rewards/rejected_sum": jnp.sum(jnp.where(rejected, rewards, zero)),
+        "logps/chosen_sum": jnp.sum(jnp.where(chosen, logps, zero)),
+        "logps/rejected_sum": jnp.sum(jnp.where(rejected, logps, zero)),
+        "count/chosen": jnp.sum(chosen).astype(rewards.dtype),
+        "count/rejected": jnp.sum(rejected).astype(rewards.dtype),
     }
     return losses, metrics

@@ -169,6 +169,40 @@ def test_loss_is_the_formula_on_completion_log_probs(parent):
     assert mean_loss(DPO(c), run, state, batch) == pytest.approx(want["sigmoid"], rel=1e-4)
 
 
+def test_kto_logs_trls_metrics_of_its_completion_log_probs(tmp_path):
+    """KTO's aux from numpy log-softmaxes of the policy's and the reference's logits (LoRA
+    moved off the base): the desirable and undesirable rows' summed rewards ``beta (log pi -
+    log pi_ref)``, their counts and the reference point z = max(0, mean log-ratio), a padding
+    row (segment 0) left out of all of them; ``kl`` comes back times the weight, so the
+    trainer's division by the weight logs z."""
+    cfg = dpo_config(unpaired(tmp_path / "kto.json"), "kto", peft="lora", source="kto", beta=0.5)
+    run, state, batch = assemble(cfg, tmp_path / "run", perturb=True)
+    batch = dict(batch)
+    batch["completion_segment_ids"] = np.array(batch["completion_segment_ids"])
+    batch["completion_segment_ids"][-1] = 0  # the last row: padding
+    model = run.model(state)
+    forward = nnx.jit(lambda m_, t, p, s: m_(t, positions=p, segment_ids=s))
+
+    def logps(m):
+        logits = forward(m, batch["completion_tokens"][:, :-1], batch["completion_positions"][:, :-1],
+                         batch["completion_segment_ids"][:, :-1])
+        return _numpy_logps(logits, batch["completion_tokens"][:, 1:], batch["completion_mask"][:, 1:])[0]
+
+    ratio = logps(model) - logps(run.objective.reference.model(model))
+    valid = np.arange(len(ratio)) < len(ratio) - 1
+    desirable = np.asarray(batch["desirable"]) > 0
+    assert desirable[valid].any() and (~desirable[valid]).any()
+    _, aux = jax.jit(lambda st, b: run.objective.loss_fn(run.model(st), b, None))(state, batch)
+    w = valid.sum()
+    assert float(aux["weight"]) == w
+    z = max(0.0, ratio[valid].mean())
+    np.testing.assert_allclose(float(aux["kl"]) / w, z, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(float(aux["rewards/chosen_sum"]), 0.5 * ratio[valid & desirable].sum(), rtol=1e-4)
+    np.testing.assert_allclose(float(aux["rewards/rejected_sum"]), 0.5 * ratio[valid & ~desirable].sum(), rtol=1e-4)
+    assert float(aux["count/chosen"]) == (valid & desirable).sum()
+    assert float(aux["count/rejected"]) == (valid & ~desirable).sum()
+
+
 def test_a_tiny_model_learns_the_preferred_reply(tmp_path):
     """From scratch (the reference is the random initialisation): held-out implicit-reward
     accuracy over 0.9 after 16 steps of 8 pairs; the loss falls from ln 2."""

@@ -197,6 +197,28 @@ def test_kto_matches_its_published_formula(beta, kl_shift, weights):
     assert m["count/chosen"] == desirable.sum() and m["count/rejected"] == (~desirable).sum()
 
 
+def test_kto_leaves_invalid_rows_out_of_the_reference_point_and_the_metrics():
+    """``valid_b``: the rows marked invalid (a batch's padding) count in neither ``z`` (the
+    mean KL over the valid rows only), the reward and log-prob sums nor the counts; the valid
+    rows' losses are the formula's on the valid rows alone."""
+    policy, ref, desirable, _, _ = kto_inputs(5, 0.0)
+    valid = np.ones(len(policy), bool)
+    valid[[3, 7]] = False
+    kl_policy = policy + np.linspace(0.5, 2.0, len(policy))  # row-aligned, a positive mean KL
+    losses, m = run64(kto_loss, policy, ref, jnp.asarray(desirable), kl_policy, ref, beta=0.3,
+                      valid_b=jnp.asarray(valid))
+    v = valid
+    want, z = numpy_kto(policy[v], ref[v], desirable[v], kl_policy[v], ref[v], 0.3, 1.0, 1.0)
+    assert z > 0
+    np.testing.assert_allclose(m["kl"], z, rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(losses)[v], want, rtol=1e-12)
+    rewards = 0.3 * (policy - ref)
+    np.testing.assert_allclose(m["rewards/chosen_sum"], rewards[v & desirable].sum(), rtol=1e-12)
+    np.testing.assert_allclose(m["rewards/rejected_sum"], rewards[v & ~desirable].sum(), rtol=1e-12)
+    np.testing.assert_allclose(m["logps/rejected_sum"], policy[v & ~desirable].sum(), rtol=1e-12)
+    assert m["count/chosen"] == (v & desirable).sum() and m["count/rejected"] == (v & ~desirable).sum()
+
+
 def test_kto_is_one_half_when_policy_equals_reference():
     policy, _, desirable, kl_policy, _ = kto_inputs(1, 0.0)
     for beta in BETAS:
