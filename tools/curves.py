@@ -63,7 +63,7 @@ def plot_curves(curves: Mapping[str, Series], path: str | Path, *, title: str = 
     if ylim:
         ax.set_ylim(*ylim)
     if title:
-        ax.set_title(title)
+        ax.set_title(title, fontsize=9)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     path = Path(path)

@@ -91,7 +91,7 @@ def reward_curves(workdir: Path, loss: str) -> Path:
         curves = {k: series(workdir, f"train/{k}") for k in ("rewards/chosen", "rewards/rejected", "rewards/margins")}
     return plot_curves(curves, workdir.parent / f"{loss}_rewards.png", xlabel=f"{loss} step",
                        ylabel="implicit reward (batch mean)",
-                       title=f"{loss} on SmolLM2-135M-Instruct, LoRA: training batches' implicit rewards")
+                       title=f"{loss}, SmolLM2-135M-Instruct + LoRA: implicit rewards of each training batch")
 
 
 def main() -> None:
