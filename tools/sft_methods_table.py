@@ -117,7 +117,7 @@ def table(rows: dict[str, dict], base: str) -> str:
             continue
         em = f"{r['correct']}/{r['questions']} ({r['correct'] / r['questions']:.1%})"
         if name == "base":
-            out.append(f"| {base} (no training) | {em} | 0 | | | {r['rss_peak'] / MIB:.0f} | | | |")
+            out.append(f"| {base} (no training) | {em} | 0 | | | | | | |")  # its RSS: full's state, unused
             continue
         share = r["trainable"] / r["total"]
         out.append(f"| {name} | {em} | {r['trainable']:,} ({share:.2%}) | {r['step_s']:.1f} | "
