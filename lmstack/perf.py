@@ -4,6 +4,7 @@ matmul rate for CPUs (there is no datasheet number that means anything for a sha
 from __future__ import annotations
 
 import functools
+import platform
 import time
 
 import jax
@@ -68,3 +69,16 @@ def train_step_flops(cfg, workdir) -> float:
         cost = step.lower(run.abstract, batch, jax.random.key(0)).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost["flops"])
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``'s ``model name``), for benchmark tables; the
+    platform's processor string where that file is absent."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -42,17 +41,6 @@ from typing import Any
 import numpy as np
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 class LmstackSide:
@@ -272,6 +260,8 @@ def main() -> None:
     cols = [column(s) for s in sides]
     mesh = " ".join(f"{k}={v}" for k, v in ours.run.mesh.shape.items())
     m = cfg.model
+    from lmstack.perf import cpu_name
+
     print(f"\nmachine      {os.cpu_count()}-core {cpu_name()}; load average {load[0]:.2f} before, "
           f"{load_after[0]:.2f} after (1 min)")
     print(f"lmstack      jax {jax.__version__}, {jax.device_count()} {jax.default_backend()} device(s), mesh {mesh}, "

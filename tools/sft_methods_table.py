@@ -171,8 +171,9 @@ def main() -> None:
         results_path.write_text(json.dumps(rows, indent=1))
         print(f"{method}: {row['correct']}/{row['questions']} exact, {row['wall_s']:.0f} s", file=sys.stderr)
     loads = [x for r in rows.values() for x in r["load"]]
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "unknown CPU")
+    from lmstack.perf import cpu_name
+
+    cpu = cpu_name()
     print(f"\nstdlib_sft base={args.base}: {next(iter(rows.values()))['questions']} held-out questions; "
           f"{cpu}, {os.cpu_count()} cores, {args.devices} device(s) per process; load average "
           f"{min(loads):.1f}-{max(loads):.1f}; rows' wall time {sum(r['wall_s'] for r in rows.values()) / 60:.0f} min "

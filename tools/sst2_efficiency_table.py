@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -211,14 +210,9 @@ def subprocess_runner(root: Path, data: Path, overrides: list[str], keep_checkpo
 
 
 def machine_info() -> dict[str, Any]:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name"):
-                model = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return {"cpu": model, "cpus": os.cpu_count()}
+    from lmstack.perf import cpu_name
+
+    return {"cpu": cpu_name(), "cpus": os.cpu_count()}
 
 
 def report(runs: dict[str, dict], out_png: Path | None) -> str:
