@@ -37,7 +37,6 @@ prompts at a time.
 from __future__ import annotations
 
 import argparse
-import resource
 import shutil
 import statistics
 import time
@@ -196,8 +195,10 @@ def main() -> None:
 
 
 def peak_rss_gib() -> float:
-    """This process's peak resident memory so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    """This process's peak resident memory so far, in GiB (``tools/bench_peft.py``'s reading)."""
+    from bench_peft import peak_rss
+
+    return peak_rss() / 2 ** 30
 
 
 if __name__ == "__main__":
