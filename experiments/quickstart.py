@@ -4,7 +4,7 @@ Launch:  lmstack train quickstart --workdir runs/quickstart
 Data:    the standard library's .py sources and pydoc topics (ships with every Python),
          tokenized by a 4096-piece SentencePiece model trained on first use and cached.
 Expect:  held-out perplexity 39.6 (loss 3.680) after 500 steps of 16 x 256 tokens; a sample
-         that looks like Python. Time depends on the machine's CPU: 7m18s from a fresh venv on
+         that looks like Python. Time depends on the machine's CPU: 7m18s (an earlier session) from a fresh venv on
          one 2-core CPU (pip install, tokenizer training, 6m50s of training); 11m29s on another
          (AMD EPYC, 163 GFLOP/s fp32 matmul, quiet: fresh cache, tokenizer training included,
          1.32 s a step). ``quickstart:smoke=True`` runs in seconds.

@@ -143,6 +143,15 @@ def main() -> None:
     if unknown:
         p.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(ROWS)}")
 
+    from lmstack.config import ConfigError, load_config
+    from lmstack.init_from import parse_init_from
+
+    try:  # every row's config and starting weights, checked before anything is written
+        for method in methods:
+            parse_init_from(load_config(experiment(args.base, method, args.parent, args.smoke), overrides).init["from"])
+    except ConfigError as e:
+        sys.exit(f"sft_methods_table: {e}")
+
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
