@@ -33,6 +33,7 @@ RESUME_SAFE_KEYS = ("name", "arg", "train.progress", "train.log_every", "checkpo
 RESUME_SAFE_PREFIXES = ("sample.", "log.", "eval.")
 _CHOICES = {
     "optimizer.schedule": ("cosine", "linear", "constant"),
+    "optimizer.name": ("adamw", "muon"),
 }
 # (section, registry kind): the config sections a plug-in owns; eval.NAME is handled apart.
 PLUGIN_SECTIONS = (("model", "model"), ("objective", "objective"), ("peft", "peft"),
@@ -40,7 +41,7 @@ PLUGIN_SECTIONS = (("model", "model"), ("objective", "objective"), ("peft", "pef
 # Overrides that choose plug-ins: applied before the sections are composed.
 _CHOOSING_KEYS = ("model.name", "objective.name", "peft.name", "regularization.name", "eval.names")
 _POSITIVE = ("train.steps", "train.batch_size", "train.microbatches", "data.seq_len",
-             "model.d_model", "model.n_layers", "model.n_heads", "model.scan_unroll")
+             "model.d_model", "model.n_layers", "model.n_heads", "model.scan_unroll", "optimizer.muon_ns_steps")
 _NON_NEGATIVE = ("model.vocab_size", "model.n_kv_heads", "model.head_dim", "model.d_ff",  # 0: derived
                  "model.max_seq_len", "optimizer.warmup_steps", "optimizer.decay_steps", "train.frozen_layers")
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")

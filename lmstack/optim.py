@@ -1,4 +1,20 @@
-"""AdamW with warmup and decay, global-norm clipping and weight-decay masks, from config.
+"""AdamW or Muon with warmup and decay, global-norm clipping and weight-decay masks, from config.
+
+``optimizer.name`` picks the update direction:
+
+- ``adamw`` (default): optax's AdamW (Loshchilov & Hutter 2019), as nanoGPT, MaxText and HF
+  Trainer use it.
+- ``muon``: Muon (Jordan et al. 2024, modded-nanogpt) on the hidden weight matrices (the
+  attention and MLP projections: a weight with an ``embed`` axis and a ``heads``,
+  ``kv_heads``, ``head_dim`` or ``mlp`` axis), AdamW on everything else (embeddings, output
+  and classifier heads, norms, biases, adapters). Muon's update is the Nesterov momentum
+  (``muon_beta``) orthogonalised by ``muon_ns_steps`` Newton-Schulz iterations, one matrix
+  per layer (the stacked ``layers`` axis is a batch axis); the projection's input axes are
+  the matrix's rows, its output axes the columns. It is scaled by
+  ``0.2 * sqrt(max(fan_in, fan_out))`` (Liu et al. 2025, "Muon is Scalable for LLM
+  Training") so its RMS matches AdamW's and ``lr`` and ``weight_decay`` mean the same for
+  both parts. Both parts share the clipping, the decoupled weight decay ``lr * wd * w`` and
+  the one learning-rate schedule.
 
 The schedule is indexed by the optimizer's own update count (optax's
 ``ScaleByScheduleState.count`` in the optimizer state), not by the train step: a step whose
@@ -9,11 +25,13 @@ count, and the learning rate an update applies is ``schedule(schedule_count(opt_
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
 import optax
 from flax import nnx
+from optax.contrib import MuonDimensionNumbers, scale_by_muon
 
 
 def learning_rate_schedule(opt: Any, total_steps: int) -> optax.Schedule:
@@ -72,10 +90,73 @@ def weight_decay_mask(params: nnx.State, decay_embeddings: bool) -> nnx.State:
     )
 
 
+MUON_HIDDEN_AXES = ("heads", "kv_heads", "head_dim", "mlp")
+MUON_RMS = 0.2  # Liu et al. 2025: the RMS of an AdamW update
+
+
+def muon_dimensions(v: nnx.Variable) -> MuonDimensionNumbers | None:
+    """How Muon sees a parameter as matrices: ``MuonDimensionNumbers`` (reduction = the input
+    axes, output = the output axes, any ``layers`` axis a batch axis) for a hidden projection
+    weight, None for a parameter AdamW updates (see the module docstring). A projection's
+    weight is ``(*in, *out)`` with ``embed`` first (a projection into the heads or the MLP)
+    or last (back into the residual stream)."""
+    names = v.get_metadata().get("out_sharding") or ()
+    core = [i for i, n in enumerate(names) if n != "layers"]
+    axes = [names[i] for i in core]
+    if "embed" not in axes or not any(n in MUON_HIDDEN_AXES for n in axes):
+        return None  # embeddings, norms, biases
+    if any(n not in MUON_HIDDEN_AXES + ("embed",) for n in axes):
+        return None  # LoRA factors, heads into labels / values / vocabulary
+    if axes[0] == "embed":
+        return MuonDimensionNumbers(reduction_axis=(core[0],), output_axis=tuple(core[1:]))
+    if axes[-1] == "embed":
+        return MuonDimensionNumbers(reduction_axis=tuple(core[:-1]), output_axis=(core[-1],))
+    return None
+
+
+def _muon_direction(opt: Any) -> optax.GradientTransformation:
+    """Muon on the hidden matrices, Adam elsewhere: the update direction before weight decay
+    and the learning rate (both applied by :func:`make_optimizer`)."""
+    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+
+    def labels(params):
+        return jax.tree.map(lambda v: v.replace("muon" if muon_dimensions(v) else "adam"), params, is_leaf=is_var)
+
+    def dims(tree):  # the muon part's view: its leaves' dimension numbers, the rest masked out
+        def one(v):
+            return v if isinstance(v.get_value(), optax.MaskedNode) else v.replace(muon_dimensions(v))
+
+        return jax.tree.map(one, tree, is_leaf=is_var)
+
+    def adam_rms(updates, state, params=None):  # x 0.2 sqrt(max(fan_in, fan_out)), per matrix
+        del params
+
+        def scale(u, d):
+            fan_in = math.prod(u.shape[a] for a in d.reduction_axis)
+            fan_out = math.prod(u.shape[a] for a in d.output_axis)
+            return u * (MUON_RMS * math.sqrt(max(fan_in, fan_out)))
+
+        return jax.tree.map(scale, updates, dims(updates), is_leaf=lambda x: isinstance(x, MuonDimensionNumbers)), state
+
+    muon = optax.chain(
+        scale_by_muon(ns_steps=opt.muon_ns_steps, beta=opt.muon_beta, nesterov=True, weight_dimension_numbers=dims),
+        optax.GradientTransformation(optax.init_empty_state, adam_rms),
+    )
+    adam = optax.scale_by_adam(b1=opt.b1, b2=opt.b2, eps=opt.eps)
+    return optax.partition({"muon": muon, "adam": adam}, labels)
+
+
 def make_optimizer(opt: Any, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The optax chain and its schedule; ``schedule(schedule_count(opt_state))`` is the
-    learning rate of the next update (the train step logs it)."""
+    learning rate of the next update (the train step logs it). Raises ValueError for an
+    unknown ``optimizer.name``."""
     schedule = learning_rate_schedule(opt, total_steps)
+    clip = [optax.clip_by_global_norm(opt.clip_norm)] if opt.clip_norm > 0 else []
+    if opt.name == "muon":
+        decay = optax.add_decayed_weights(opt.weight_decay, lambda p: weight_decay_mask(p, opt.decay_embeddings))
+        return optax.chain(*clip, _muon_direction(opt), decay, optax.scale_by_learning_rate(schedule)), schedule
+    if opt.name != "adamw":
+        raise ValueError(f"optimizer.name={opt.name!r}: must be adamw or muon")
     adamw = optax.adamw(
         schedule,
         b1=opt.b1,
@@ -84,5 +165,4 @@ def make_optimizer(opt: Any, total_steps: int) -> tuple[optax.GradientTransforma
         weight_decay=opt.weight_decay,
         mask=lambda p: weight_decay_mask(p, opt.decay_embeddings),
     )
-    clip = [optax.clip_by_global_norm(opt.clip_norm)] if opt.clip_norm > 0 else []
     return optax.chain(*clip, adamw), schedule

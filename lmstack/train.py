@@ -25,7 +25,7 @@ from lmstack.checkpoint import Checkpointer
 from lmstack.distributed import any_process, fetch, global_batch, is_primary
 from lmstack.evals.base import EvalContext, run_evaluators
 from lmstack.metrics_log import MetricsWriter
-from lmstack.perf import mfu
+from lmstack.perf import mfu, peak_flops
 from lmstack.run import Run, RunData
 from lmstack.sample import continue_text, encode_prompt
 from lmstack.trainstate import param_count, trainable_count
@@ -112,6 +112,7 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *, accept_changed_data: bool
     bar = tqdm(total=cfg.train.steps, initial=start, disable=not (cfg.train.progress and primary), unit="step",
                dynamic_ncols=True, file=sys.stderr)
     step = start
+    peak_flops(cfg.model.dtype)  # on CPU a measured matmul rate: taken now, while no step runs beside it
     try:
         with _StopFlag() as stop, jax.set_mesh(mesh):
             last_t, last_step = time.perf_counter(), start

@@ -74,9 +74,12 @@ def abstract_state(make_model: Callable[[], nnx.Module], tx: optax.GradientTrans
 
 
 def _opt_state_shardings(tx: optax.GradientTransformation, opt_shapes: Any, param_sh: Any, mesh: Mesh) -> Any:
-    """Optimizer moments are sharded like the parameters they track; scalars are replicated."""
+    """Optimizer moments are sharded like the parameters they track; scalars are replicated.
+    A partitioned optimizer (Muon + Adam) leaves ``MaskedNode`` where a part tracks nothing."""
+    masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
     return optax.tree_utils.tree_map_params(
-        tx, lambda _, sh: sh, opt_shapes, param_sh, transform_non_params=lambda _: replicated(mesh)
+        tx, lambda x, sh: x if masked(x) else sh, opt_shapes, param_sh,
+        transform_non_params=lambda _: replicated(mesh), is_leaf=masked,
     )
 
 

@@ -53,6 +53,7 @@ def base_config() -> mlc.ConfigDict:
     c.objective = mlc.ConfigDict(dict(name="causal_lm"))  # registry: objective.<name>
     c.optimizer = mlc.ConfigDict(
         dict(
+            name="adamw",  # adamw | muon (Muon on the hidden matrices, AdamW elsewhere: lmstack.optim)
             lr=1e-3,
             min_lr_ratio=0.1,  # final lr = lr * min_lr_ratio
             schedule="cosine",  # cosine | linear | constant (all after linear warmup)
@@ -64,6 +65,8 @@ def base_config() -> mlc.ConfigDict:
             weight_decay=0.1,
             decay_embeddings=False,
             clip_norm=1.0,  # 0: no clipping
+            muon_beta=0.95,  # Muon's Nesterov momentum
+            muon_ns_steps=5,  # Muon's Newton-Schulz iterations
         )
     )
     c.train = mlc.ConfigDict(
