@@ -8,6 +8,15 @@
   (nanoGPT benchmark on 2 cores: 46 -> ~36 ms per iteration).
 - **No YNN fusions.** XLA:CPU's experimental YNN fusions run these matmuls ~10% slower than
   its default emitters (the same benchmark: 54 -> 48 ms per iteration).
+- **Freed memory kept for the next step.** glibc serves large blocks with ``mmap`` and
+  returns them with ``munmap`` at ``free``, so memory a step frees is faulted in again, page
+  by page, at the next. lmstack asks glibc (``mallopt``) to serve large blocks from its heap
+  and never to trim it, as ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647`` would:
+  freed pages stay mapped for the next step (the process keeps its peak memory, which the
+  next step needs again anyway). Quickstart step, 2 CPU devices: 241,000 -> 153,000 minor
+  page faults and 0.53 -> 0.34 s of kernel time a step. The rest is XLA:CPU's own block of
+  temporaries (298 MB a device), which it maps and unmaps itself at every run of the step.
+  Skipped where the C library is not glibc or the user set either variable.
 - **Patient collectives.** The devices of one host share its cores, so on a busy machine
   one device can reach an all-reduce long after the others; XLA:CPU aborts the process when
   a collective waits more than 40 s (``Termination timeout for all reduce``, seen on this
@@ -21,11 +30,16 @@ imported before jax creates its backend (the ``lmstack`` command and the tools d
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 
 _DEVICE_COUNT = "--xla_force_host_platform_device_count"
 _YNN_FUSIONS = "--xla_cpu_experimental_ynn_fusion_type"
 _COLLECTIVE_TIMEOUT = "--xla_cpu_collective_call_terminate_timeout_seconds"
+# glibc's mallopt parameters (malloc.h) and the environment variables that set them at start
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_MALLOC_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")
 
 
 def cpu_cores() -> int:
@@ -36,9 +50,24 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
+def keep_freed_memory() -> bool:
+    """Ask glibc to serve large blocks from its heap and never trim it (see the module
+    docstring); True if it did, False where the C library is not glibc, a mallopt call
+    failed, or the user set ``MALLOC_MMAP_MAX_`` / ``MALLOC_TRIM_THRESHOLD_``."""
+    if any(v in os.environ for v in _MALLOC_ENV):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.gnu_get_libc_version  # noqa: B018  (glibc only: mallopt's parameters are its own)
+    except (OSError, AttributeError, TypeError):
+        return False
+    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
 def apply() -> None:
     if os.environ.get("LMSTACK_XLA_DEFAULTS", "1") == "0":
         return
+    keep_freed_memory()
     flags = os.environ.get("XLA_FLAGS", "")
     extra = []
     if _DEVICE_COUNT not in flags:

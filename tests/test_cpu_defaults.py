@@ -4,6 +4,7 @@ user's flags."""
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 
@@ -43,3 +44,29 @@ def test_a_fresh_process_gets_one_cpu_device_per_core():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     devices, cores = map(int, out.stdout.split())
     assert devices == cores
+
+
+FAULTS_OF_A_REUSED_BLOCK = """
+import ctypes, ctypes.util, resource, sys
+import lmstack
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+n = 256 << 20
+p = libc.malloc(n); ctypes.memset(p, 1, n); libc.free(p)  # a step's temporaries, then freed
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+p = libc.malloc(n); ctypes.memset(p, 1, n); libc.free(p)  # the next step's
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+def test_a_freed_large_block_stays_mapped_for_the_next_step():
+    """After `import lmstack` a 256 MiB block freed and allocated again is not faulted in again
+    page by page (65,536 pages of 4 KiB); with the user's own MALLOC_MMAP_MAX_ glibc's default stays."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    run = lambda e: int(subprocess.run([sys.executable, "-c", FAULTS_OF_A_REUSED_BLOCK], capture_output=True,  # noqa: E731
+                                       text=True, env=e, check=True).stdout)
+    kept, default = run(env), run({**env, "MALLOC_MMAP_MAX_": "65536"})
+    assert default > 60_000  # mmap'd, unmapped at free, faulted in again
+    assert kept < 2_000
