@@ -1,4 +1,5 @@
-"""XLA:CPU defaults that lmstack sets before jax creates its backend.
+"""XLA:CPU defaults that lmstack sets before jax creates its backend (and one for glibc's
+allocator that a run on CPU devices sets).
 
 - **One device per core.** XLA:CPU parallelises each operation over the cores, which
   pays off for large matrices but not for the small ones of CPU-sized models, where
@@ -16,7 +17,9 @@
   next step needs again anyway). Quickstart step, 2 CPU devices: 241,000 -> 153,000 minor
   page faults and 0.53 -> 0.34 s of kernel time a step. The rest is XLA:CPU's own block of
   temporaries (298 MB a device), which it maps and unmaps itself at every run of the step.
-  Skipped where the C library is not glibc or the user set either variable.
+  Applied when a run is built on CPU devices (never on a GPU/TPU host, whose large host
+  buffers, loaded checkpoints say, should go back to the system), skipped where the C
+  library is not glibc or the user set either variable or a ``glibc.malloc.`` tunable.
 - **Patient collectives.** The devices of one host share its cores, so on a busy machine
   one device can reach an all-reduce long after the others; XLA:CPU aborts the process when
   a collective waits more than 40 s (``Termination timeout for all reduce``, seen on this
@@ -31,7 +34,6 @@ imported before jax creates its backend (the ``lmstack`` command and the tools d
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 _DEVICE_COUNT = "--xla_force_host_platform_device_count"
@@ -52,12 +54,14 @@ def cpu_cores() -> int:
 
 def keep_freed_memory() -> bool:
     """Ask glibc to serve large blocks from its heap and never trim it (see the module
-    docstring); True if it did, False where the C library is not glibc, a mallopt call
-    failed, or the user set ``MALLOC_MMAP_MAX_`` / ``MALLOC_TRIM_THRESHOLD_``."""
-    if any(v in os.environ for v in _MALLOC_ENV):
+    docstring); a :class:`lmstack.run.Run` on CPU devices calls it. True if it did, False where
+    the C library is not glibc, a mallopt call failed, ``LMSTACK_XLA_DEFAULTS=0``, or the user
+    set ``MALLOC_MMAP_MAX_`` / ``MALLOC_TRIM_THRESHOLD_`` or a ``glibc.malloc.`` tunable."""
+    if (os.environ.get("LMSTACK_XLA_DEFAULTS", "1") == "0" or any(v in os.environ for v in _MALLOC_ENV)
+            or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc = ctypes.CDLL(None)  # the process's own C library
         libc.gnu_get_libc_version  # noqa: B018  (glibc only: mallopt's parameters are its own)
     except (OSError, AttributeError, TypeError):
         return False
@@ -67,7 +71,6 @@ def keep_freed_memory() -> bool:
 def apply() -> None:
     if os.environ.get("LMSTACK_XLA_DEFAULTS", "1") == "0":
         return
-    keep_freed_memory()
     flags = os.environ.get("XLA_FLAGS", "")
     extra = []
     if _DEVICE_COUNT not in flags:

@@ -4,10 +4,11 @@
 
 - ``adamw`` (default): optax's AdamW (Loshchilov & Hutter 2019), as nanoGPT, MaxText and HF
   Trainer use it.
-- ``muon``: Muon (Jordan et al. 2024, modded-nanogpt) on the hidden weight matrices (the
-  attention and MLP projections: a weight with an ``embed`` axis and a ``heads``,
-  ``kv_heads``, ``head_dim`` or ``mlp`` axis), AdamW on everything else (embeddings, output
-  and classifier heads, norms, biases, adapters). Muon's update is the Nesterov momentum
+- ``muon``: Muon (Jordan et al. 2024, modded-nanogpt) on the hidden weight matrices (a
+  weight with an ``embed`` axis and a ``heads``, ``kv_heads``, ``head_dim`` or ``mlp`` axis:
+  the attention and MLP projections, and the encoder's d x d pooler and MLM transform),
+  AdamW on everything else (embeddings, output and classifier heads, norms, biases, and
+  every PEFT parameter: with a PEFT method Muon changes nothing). Muon's update is the Nesterov momentum
   (``muon_beta``) orthogonalised by ``muon_ns_steps`` Newton-Schulz iterations, one matrix
   per layer (the stacked ``layers`` axis is a batch axis); the projection's input axes are
   the matrix's rows, its output axes the columns. It is scaled by
@@ -106,7 +107,7 @@ def muon_dimensions(v: nnx.Variable) -> MuonDimensionNumbers | None:
     if "embed" not in axes or not any(n in MUON_HIDDEN_AXES for n in axes):
         return None  # embeddings, norms, biases
     if any(n not in MUON_HIDDEN_AXES + ("embed",) for n in axes):
-        return None  # LoRA factors, heads into labels / values / vocabulary
+        return None  # an axis no hidden projection has
     if axes[0] == "embed":
         return MuonDimensionNumbers(reduction_axis=(core[0],), output_axis=tuple(core[1:]))
     if axes[-1] == "embed":

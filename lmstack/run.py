@@ -26,6 +26,7 @@ from jax.sharding import Mesh
 
 from lmstack import registry
 from lmstack.checkpoint import Checkpointer, has_checkpoint
+from lmstack.cpu_defaults import keep_freed_memory
 from lmstack.config import ConfigError, check_resume, compose, load_saved_config, save_config
 from lmstack.data.formats import load_records, split_records
 from lmstack.data.pipeline import TokenStream, examples_stream, split_stream, tokenize_documents
@@ -122,6 +123,8 @@ class Run:
                                              mesh.devices.flat[0].platform)
         if problem:
             raise ConfigError(problem)
+        if mesh.devices.flat[0].platform == "cpu":
+            keep_freed_memory()  # steps reuse the memory earlier steps freed: lmstack/cpu_defaults.py
         self.model_cls = registry.lookup("model", spec.model["name"], "model.name")
         self.make_model, self.model_cfg = build_model_factory(spec.model_section(), vocab_size=spec.vocab_size,
                                                               max_seq_len=cfg.data.seq_len, seed=cfg.train.seed,
