@@ -5,7 +5,7 @@ Data:    the standard library's .py sources and pydoc topics (ships with every P
          tokenized by a 4096-piece SentencePiece model trained on first use and cached.
 Expect:  held-out perplexity 37.9 (loss 3.634) after 250 Muon steps of 16 x 256 tokens; a
          sample that looks like Python. Measured on a 2-core AMD EPYC, fresh cache (tokenizer
-         training included, pip install not): 4m56s, 1.04-1.12 s a step. The same machine and
+         training included, pip install not): 4m56s, median 1.07 s a step. The same machine and
          session ran the earlier recipe (AdamW, lr 2e-3, 500 steps: perplexity 39.6) in 9m19s.
          ``quickstart:smoke=True`` runs in seconds.
 """

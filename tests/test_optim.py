@@ -106,8 +106,10 @@ def test_muon_first_update_matches_numpy():
                 [w.shape[a] for a in rows + cols]), np.argsort([a - 1 for a in rows + cols]))
             want = -0.01 * (0.2 * np.sqrt(max(fan_in, fan_out)) * o + 0.1 * w[layer])
             np.testing.assert_allclose(u[layer], want, rtol=2e-3, atol=2e-5, err_msg=str(path))
-            # Newton-Schulz flattens the spectrum: singular values in about (0.7, 1.2), not g's spread
-            s = np.linalg.svd(o.reshape(fan_in, fan_out), compute_uv=False)
+            # Newton-Schulz flattens the spectrum: the update's orthogonalised part has singular
+            # values in about (0.7, 1.2), not g's spread
+            ours = (u[layer] / -0.01 - 0.1 * w[layer]) / (0.2 * np.sqrt(max(fan_in, fan_out)))
+            s = np.linalg.svd(np.transpose(ours, [a - 1 for a in rows + cols]).reshape(fan_in, fan_out), compute_uv=False)
             assert 0.5 < s.min() and s.max() < 1.3
     assert n_muon == 7  # q, k, v, o, gate, up, down
 
