@@ -374,9 +374,10 @@ def _problems(cfg: mlc.ConfigDict) -> list[tuple[tuple[str, ...], str]]:
         out.append((("model.d_model", "model.n_heads"),
                     f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}: "
                     f"change one, or set model.head_dim explicitly"))
-    vf = cfg.data.val_fraction
-    if not isinstance(vf, (int, float)) or isinstance(vf, bool) or not 0 <= vf < 1:
-        out.append((("data.val_fraction",), f"data.val_fraction is {vf!r}: must be in [0, 1)"))
+    for key in ("data.val_fraction", "optimizer.b1", "optimizer.b2", "optimizer.muon_beta"):  # 1 divides by 0
+        v = flat.get(key, 0)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v < 1:
+            out.append(((key,), f"{key} is {v!r}: must be in [0, 1)"))
     for axis, size in cfg.mesh.items():
         if not _is_int(size) or (size < 1 and size != -1):
             out.append(((f"mesh.{axis}",),

@@ -11,7 +11,11 @@
   every PEFT parameter: with a PEFT method Muon changes nothing). Muon's update is the Nesterov momentum
   (``muon_beta``) orthogonalised by ``muon_ns_steps`` Newton-Schulz iterations, one matrix
   per layer (the stacked ``layers`` axis is a batch axis); the projection's input axes are
-  the matrix's rows, its output axes the columns. It is scaled by
+  the matrix's rows, its output axes the columns. On a mesh with ``data`` > 1 each
+  data-parallel device orthogonalises its share of the layers (where ``data`` divides their
+  number) and XLA gathers the result, as modded-nanogpt splits the matrices over its ranks
+  (quickstart step on 2 CPU devices, 12 alternating turns in one process: median 1142 ->
+  1109 ms). It is scaled by
   ``0.2 * sqrt(max(fan_in, fan_out))`` (Liu et al. 2025, "Muon is Scalable for LLM
   Training") so its RMS matches AdamW's and ``lr`` and ``weight_decay`` mean the same for
   both parts. Both parts share the clipping, the decoupled weight decay ``lr * wd * w`` and
@@ -32,6 +36,7 @@ from typing import Any
 import jax
 import optax
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 from optax.contrib import MuonDimensionNumbers, scale_by_muon
 
 
@@ -139,7 +144,23 @@ def _muon_direction(opt: Any) -> optax.GradientTransformation:
 
         return jax.tree.map(scale, updates, dims(updates), is_leaf=lambda x: isinstance(x, MuonDimensionNumbers)), state
 
+    def split_layers(updates, state, params=None):
+        # each data-parallel device orthogonalises its share of a stacked weight's layers (as
+        # modded-nanogpt's Muon splits the matrices over its ranks); XLA gathers the result
+        del params
+        mesh = jax.sharding.get_abstract_mesh()
+        n = 0 if mesh.empty else dict(mesh.shape).get("data", 1)
+
+        def one(v):
+            u, names = v.get_value(), v.get_metadata().get("out_sharding") or ()
+            if isinstance(u, optax.MaskedNode) or n < 2 or names[:1] != ("layers",) or u.shape[0] % n:
+                return v
+            return v.replace(jax.lax.with_sharding_constraint(u, P("data", *[P.UNCONSTRAINED] * (u.ndim - 1))))
+
+        return jax.tree.map(one, updates, is_leaf=is_var), state
+
     muon = optax.chain(
+        optax.GradientTransformation(optax.init_empty_state, split_layers),
         scale_by_muon(ns_steps=opt.muon_ns_steps, beta=opt.muon_beta, nesterov=True, weight_dimension_numbers=dims),
         optax.GradientTransformation(optax.init_empty_state, adam_rms),
     )

@@ -256,6 +256,8 @@ def test_override_malformed_or_section(exp_dir: Path) -> None:
         (["model.d_model=66"], "model.d_model=66 is not divisible by model.n_heads=4"),
         (["data.val_fraction=1.0"], "data.val_fraction is 1.0: must be in [0, 1)"),
         (["data.val_fraction=-0.1"], "data.val_fraction is -0.1"),
+        (["optimizer.muon_beta=1.0"], "optimizer.muon_beta is 1.0: must be in [0, 1)"),
+        (["optimizer.b2=1"], "optimizer.b2 is 1.0: must be in [0, 1)"),
         (["mesh.fsdp=0"], "mesh.fsdp is 0: must be an int >= 1, or -1"),
         (["mesh.fsdp=-1"], "mesh.data, mesh.fsdp are each -1: at most one mesh axis"),
     ],

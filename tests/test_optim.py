@@ -72,10 +72,14 @@ def newton_schulz(g: np.ndarray, steps: int = 5) -> np.ndarray:
     return x if wide else x.T
 
 
-def test_muon_first_update_matches_numpy():
+@pytest.mark.parametrize("data", [1, 2])
+def test_muon_first_update_matches_numpy(data):
     """One update of optimizer.name=muon: the hidden matrices move by -lr (0.2 sqrt(max(fan_in, fan_out))
-    NS(g) + wd w) per layer, input axes as rows; embeddings and norms by AdamW's first step -lr g / (|g| + eps)."""
+    NS(g) + wd w) per layer, input axes as rows; embeddings and norms by AdamW's first step -lr g / (|g| + eps).
+    On a mesh with data=2 each device orthogonalises half of every stacked matrix's layers (one sharding
+    constraint per Muon parameter), with the same result."""
     from lmstack.optim import make_optimizer, muon_dimensions
+    from lmstack.sharding import make_mesh
 
     cfg = DecoderConfig(style="llama", vocab_size=32, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2,
                         head_dim=4, d_ff=24, max_seq_len=8, tie_embeddings=True)
@@ -85,7 +89,11 @@ def test_muon_first_update_matches_numpy():
     tx, _ = make_optimizer(opt, total_steps=10)
     rng = np.random.default_rng(0)
     grads = jax.tree.map(lambda p: rng.standard_normal(p.shape).astype(np.float32), params)
-    updates, _ = tx.update(grads, tx.init(params), params)
+    with jax.set_mesh(make_mesh({"data": data, "fsdp": 1, "tensor": 1})):
+        state = tx.init(params)
+        split = str(jax.make_jaxpr(tx.update)(grads, state, params)).count("sharding_constraint")
+        updates, _ = jax.jit(tx.update)(grads, state, params)
+    assert split == (7 if data == 2 else 0)
 
     is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
     flat = lambda t: dict(jax.tree_util.tree_leaves_with_path(t, is_leaf=is_var))  # noqa: E731
