@@ -90,6 +90,7 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *, accept_changed_data: bool
     fpt = run.model_cfg.flops_per_token(cfg.data.seq_len)
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     base_rng = jax.random.key(cfg.train.seed)
+    in_process_collectives = mesh.devices.size > 1 and mesh.devices.flat[0].platform == "cpu"
 
     def run_eval(step: int) -> dict[str, float]:
         with jax.set_mesh(mesh):
@@ -120,6 +121,8 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *, accept_changed_data: bool
                 batch = global_batch(next(train_iter), bsh, cfg.train.batch_size)
                 batch, collected = run.collect(state, batch, step)
                 state, metrics = step_fn(state, batch, jax.random.fold_in(base_rng, step))
+                if in_process_collectives:  # see lmstack.cpu_defaults: XLA:CPU hangs with many queued
+                    jax.block_until_ready(metrics)
                 step += 1
                 bar.update(1)
                 if step % cfg.train.log_every == 0 or step == cfg.train.steps or step == start + 1:
