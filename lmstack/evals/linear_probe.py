@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 from lmstack.data.sources import DataError
-from lmstack.data.tokenizers import with_bos
+from lmstack.data.labelled import frame_text
 from lmstack.evals.base import EvalContext, compiled_method
 from lmstack.registry import register
 
@@ -63,7 +63,6 @@ def fit_logistic_regression(x: np.ndarray, y: np.ndarray, n_classes: int, l2: fl
 
 
 def _features(model: Any, tokenizer: Any, texts: list[str], seq_len: int, batch_size: int) -> np.ndarray:
-    head = with_bos(tokenizer, [])
     embed = compiled_method(model, "features")
     out = []
     for i in range(0, len(texts), batch_size):
@@ -71,7 +70,7 @@ def _features(model: Any, tokenizer: Any, texts: list[str], seq_len: int, batch_
         tokens = np.zeros((batch_size, seq_len), np.int32)
         seg = np.zeros((batch_size, seq_len), np.int32)
         for r, t in enumerate(chunk):
-            ids = (head + tokenizer.encode(t))[:seq_len]
+            ids = frame_text(t, tokenizer, seq_len)
             tokens[r, :len(ids)], seg[r, :len(ids)] = ids, 1
         out.append(np.asarray(embed(tokens, seg), np.float32)[: len(chunk)])
     return np.concatenate(out)

@@ -24,7 +24,7 @@ import optax
 
 from lmstack.config import ConfigError
 from lmstack.data.pairs import Pair, load_pairs, split_by_group
-from lmstack.data.tokenizers import with_bos
+from lmstack.data.labelled import frame_text
 from lmstack.registry import register
 
 MAX_LOGIT_SCALE = 100.0
@@ -161,10 +161,11 @@ class Contrastive:
         return self._split
 
     def _encode(self, tokenizer: Any, pairs: list[Pair]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """[bos] + text, truncated to seq_len (the bos gives CLS pooling a first token)."""
-        head = with_bos(tokenizer, [])
+        """Each text framed as a classifier's (:func:`lmstack.data.labelled.frame_text`: ``[CLS] text
+        [SEP]`` for a BERT tokenizer, as sentence-transformers encodes it, else ``[bos] + text``, the
+        first token CLS pooling reads), at most ``data.seq_len`` ids."""
         n = self.cfg.data.seq_len
-        enc = lambda t: np.asarray((head + tokenizer.encode(t))[:n], np.int32)  # noqa: E731
+        enc = lambda t: np.asarray(frame_text(t, tokenizer, n), np.int32)  # noqa: E731
         return [(enc(p.query), enc(p.document)) for p in pairs]
 
     def train_batches(self, data: Any) -> Iterator[dict]:

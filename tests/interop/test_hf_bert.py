@@ -330,3 +330,26 @@ def test_loader_skips_the_heads_the_model_leaves_out(tmp_path):
     assert not {"pooler_dense", "mlm_dense", "lm_bias"} & set(params)
     np.testing.assert_array_equal(params["blocks"]["mlp"]["down"]["weight"][...][1],
                                   tiny_tensors(TINY)["bert.encoder.layer.1.output.dense.weight"].T)
+
+
+def test_contrastive_pairs_and_linear_probe_frame_texts_as_sentence_transformers(minilm):
+    """The contrastive objective and the linear probe read a text as sentence-transformers does:
+    ``[CLS] text [SEP]``, cut to the sequence length with the frame kept; the probe's features are
+    the embeddings of those ids."""
+    from lmstack.data.hf_tokenizer import HFTokenizer
+    from lmstack.data.pairs import Pair
+    from lmstack.evals.linear_probe import _features
+    from lmstack.objectives.contrastive import Contrastive
+
+    model_dir, model, _, encode = minilm
+    tok = HFTokenizer.from_dir(model_dir)
+    cfg = base_config()
+    cfg.data.seq_len = 8
+    (query, document), = Contrastive(cfg)._encode(tok, [Pair(SENTENCES[1], PARITY[2], "g")])
+    short, long = encode([SENTENCES[1], PARITY[2]])
+    assert query.tolist() == short and len(short) == 7
+    assert document.tolist() == long[:7] + [102] and len(long) == 22  # cut to 8, [SEP] kept
+
+    got = _features(model, tok, SENTENCES, seq_len=32, batch_size=2)
+    want = np.asarray(features(model, *batch(encode(SENTENCES))))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
