@@ -6,7 +6,8 @@ allocator that a run on CPU devices sets).
   synchronising threads for every operation dominates. lmstack instead splits the host
   into one JAX device per core, so a mesh with ``data=-1`` runs data parallel over the
   cores, each device working through its share of the batch on its own
-  (nanoGPT benchmark on 2 cores: 46 -> ~36 ms per iteration).
+  (nanoGPT benchmark on 2 cores: 46 -> ~36 ms per iteration when measured; a later session
+  found one device and two equal within its machine's drift: 50.3, 49.5 vs 50.3, 52.7 ms).
 - **No YNN fusions.** XLA:CPU's experimental YNN fusions run these matmuls ~10% slower than
   its default emitters (the same benchmark: 54 -> 48 ms per iteration).
 - **Freed memory kept for the next step.** glibc serves large blocks with ``mmap`` and
