@@ -66,9 +66,9 @@ def median_seconds(fn, runs: int) -> tuple[float, float]:
 
 
 def machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                 "unknown CPU")
-    return f"{model}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}, {jax.device_count()} JAX devices"
+    from lmstack.perf import cpu_name
+
+    return f"{cpu_name()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}, {jax.device_count()} JAX devices"
 
 
 def main() -> None:
