@@ -374,7 +374,7 @@ def _problems(cfg: mlc.ConfigDict) -> list[tuple[tuple[str, ...], str]]:
         out.append((("model.d_model", "model.n_heads"),
                     f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}: "
                     f"change one, or set model.head_dim explicitly"))
-    for key in ("data.val_fraction", "optimizer.b1", "optimizer.b2", "optimizer.muon_beta"):  # 1 divides by 0
+    for key in ("data.val_fraction", "optimizer.b1", "optimizer.b2", "optimizer.muon_beta"):  # 1: no training data / NaN
         v = flat.get(key, 0)
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v < 1:
             out.append(((key,), f"{key} is {v!r}: must be in [0, 1)"))

@@ -27,8 +27,9 @@ allocator that a run on CPU devices sets).
   2-core machine at load 10-18). lmstack waits up to 10 minutes instead.
 - **One step in flight.** With several CPU devices, XLA:CPU (jaxlib 0.10.2) deadlocks when
   many computations holding a collective are queued without waiting for any: a jitted
-  all-reduce called 80 times in a row never returns (40 times does); the launching threads
-  wait on each other at the rendezvous. lmstack's train loop waits for each step's result on
+  all-reduce called 80 times in a row never returns (40 times does; XLA's own flags too).
+  In gdb, one device's thread waits in the all-reduce for the other device, whose launch
+  waits for a free slot among its in-flight computations. lmstack's train loop waits for each step's result on
   CPU meshes of more than one device. Letting one step queue behind the running one was no
   faster on 2 cores (Shakespeare step, alternating turns: 53.8 and 56.4 ms against 51.4 and
   49.8): the host's work for the next step takes its CPU time from a device either way.
