@@ -40,7 +40,7 @@ from lmstack.models.attention_core import attention_platform_problem
 from lmstack.optim import make_optimizer
 from lmstack.runspec import RunSpec, fresh_spec, stream_digest
 from lmstack.sharding import MeshError, batch_sharding, data_parallel_size, make_mesh
-from lmstack.step import compile_eval_step, compile_train_step
+from lmstack.step import compile_eval_step, compile_train_step, flat_allreduce_pays
 from lmstack.peft.base import check_trainable, trainable_filter
 from lmstack.trainstate import abstract_state, build_model_factory, init_state, peft_method
 
@@ -291,9 +291,14 @@ class Run:
     # --- compiled steps --------------------------------------------------------------
 
     def train_step(self):
+        """The compiled train step ``(state, batch, seed key) -> (state, metrics)``
+        (:func:`lmstack.step.train_step`). On a CPU mesh that is data parallel only, for an
+        objective whose loss is a sum over rows, the gradients are all-reduced as one flat
+        buffer (``flat_allreduce``; the compiler's own all-reduce elsewhere)."""
         return compile_train_step(self.graphdef, self.tx, self.schedule, self.objective, self.cfg.train.microbatches,
                                   self.shardings, self.batch_sharding, frozen_layers=self.cfg.train.frozen_layers,
-                                  penalty=self.regularizer.penalty(self.cfg.regularization))
+                                  penalty=self.regularizer.penalty(self.cfg.regularization),
+                                  flat_allreduce=flat_allreduce_pays(self.mesh, self.objective))
 
     def eval_step(self):
         return compile_eval_step(self.graphdef, self.objective, self.shardings, self.batch_sharding)

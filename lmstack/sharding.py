@@ -87,10 +87,23 @@ def logical_to_spec(names: Sequence[str | None]) -> P:
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
-    """Pin an activation's sharding by logical names; a no-op outside a mesh context."""
-    if jax.sharding.get_abstract_mesh().empty:
+    """Pin an activation's sharding by logical names; a no-op outside a mesh context. Inside
+    a ``shard_map``, the mesh axes it made manual are left out (each device already holds
+    its own block along them)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
         return x
-    return jax.lax.with_sharding_constraint(x, logical_to_spec(names))
+    spec = logical_to_spec(names)
+    manual = set(mesh.manual_axes)
+    if manual:
+        spec = P(*(_without(entry, manual) for entry in spec))
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+def _without(entry: Any, axes: set[str]) -> Any:
+    """One PartitionSpec entry (None, an axis name or a tuple of them) less ``axes``."""
+    kept = tuple(a for a in ((entry,) if isinstance(entry, str) else entry or ()) if a not in axes)
+    return kept[0] if len(kept) == 1 else (kept or None)
 
 
 def state_shardings(abstract_state: nnx.State, mesh: Mesh) -> Any:

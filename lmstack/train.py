@@ -3,7 +3,7 @@
 Nothing here knows what the model or the objective is; both come from the registry by the
 names in the config. Re-running the same command in a workdir that holds a checkpoint
 resumes from it exactly: the state, the data iterator's position and the per-step RNG
-(``fold_in(seed, step)``) all continue where they stopped.
+(``fold_in(seed, step)``, drawn in the step) all continue where they stopped.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from lmstack.evals.base import EvalContext, run_evaluators
 from lmstack.metrics_log import MetricsWriter
 from lmstack.perf import mfu, peak_flops
 from lmstack.run import Run, RunData
+from lmstack.sharding import replicated
 from lmstack.sample import continue_text, encode_prompt
 from lmstack.trainstate import param_count, trainable_count
 
@@ -89,7 +90,7 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *, accept_changed_data: bool
     config_json = cfg.to_dict()
     fpt = run.model_cfg.flops_per_token(cfg.data.seq_len)
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
-    base_rng = jax.random.key(cfg.train.seed)
+    seed_key = jax.device_put(jax.random.key(cfg.train.seed), replicated(mesh))  # the step folds in its number
     in_process_collectives = mesh.devices.size > 1 and mesh.devices.flat[0].platform == "cpu"
 
     def run_eval(step: int) -> dict[str, float]:
@@ -120,7 +121,7 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *, accept_changed_data: bool
             while step < cfg.train.steps and not stop.stopping:
                 batch = global_batch(next(train_iter), bsh, cfg.train.batch_size)
                 batch, collected = run.collect(state, batch, step)
-                state, metrics = step_fn(state, batch, jax.random.fold_in(base_rng, step))
+                state, metrics = step_fn(state, batch, seed_key)
                 if in_process_collectives:  # see lmstack.cpu_defaults: XLA:CPU hangs with many queued
                     jax.block_until_ready(metrics)
                 step += 1

@@ -52,14 +52,14 @@ class LmstackSide:
         import jax
 
         from lmstack.run import Run
+        from lmstack.sharding import replicated
 
         self.run, self.data = Run.for_training(cfg, workdir)
         self.cfg = self.run.cfg
         self.state = self.run.init_state()
         self.step_fn, self.eval_fn = self.run.train_step(), self.run.eval_step()
         self.batches = self.run.objective.train_batches(self.data)
-        self.rng = jax.random.key(self.cfg.train.seed)
-        self.step = 0
+        self.seed_key = jax.device_put(jax.random.key(self.cfg.train.seed), replicated(self.run.mesh))
 
     def train(self, n: int) -> float:
         """Seconds for ``n`` updates, up to the last one's result."""
@@ -71,9 +71,8 @@ class LmstackSide:
         with jax.set_mesh(self.run.mesh):
             for _ in range(n):
                 batch = global_batch(next(self.batches), self.run.batch_sharding, self.cfg.train.batch_size)
-                self.state, _ = self.step_fn(self.state, batch, jax.random.fold_in(self.rng, self.step))
-                self.step += 1
-            jax.block_until_ready(self.state)
+                self.state, metrics = self.step_fn(self.state, batch, self.seed_key)
+                jax.block_until_ready(metrics)  # one step in flight, as lmstack.train (see lmstack.cpu_defaults)
         return time.perf_counter() - t0
 
     def loss(self, batches: list[dict[str, np.ndarray]]) -> float:

@@ -19,6 +19,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from lmstack.models.attention_core import ATTENTION_IMPLS, attention_core, causal_mask
+from lmstack.models.dropout import dropout  # noqa: F401 (re-exported)
 from lmstack.models.projection import Projection, dense, param, zeros_param  # noqa: F401 (re-exported)
 from lmstack.sharding import constrain
 
@@ -408,14 +409,6 @@ def pool(hidden_btd: Array, segment_ids_bt: Array | None, kind: str) -> Array:
         last_b = jnp.max(jnp.where(valid_bt, jnp.arange(t, dtype=jnp.int32), 0), axis=1)
         return jnp.take_along_axis(x, last_b[:, None, None], axis=1)[:, 0]
     raise ValueError(f"pooling {kind!r} is not one of {', '.join(POOLINGS)}")
-
-
-def dropout(x: Array, rate: float, rng: Array | None) -> Array:
-    """Inverted dropout driven by an explicit key; identity when rate is 0 or rng is None."""
-    if rate == 0.0 or rng is None:
-        return x
-    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
 # The names Attention and MLP give their matmul outputs (MaxText's names for the attention ones).

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lmstack.models.dropout import dropout
 from lmstack.models.mixed_precision import einsum_f32
 from lmstack.peft.nf4 import NF4Tensor, dequantize_nf4
 
@@ -133,8 +134,5 @@ class Projection(nnx.Module):
     def lora_delta(self, x: Array, rng: Array | None) -> Array:
         """``scaling * dropout(x) @ A @ B`` (PEFT ``lora.Linear.forward``: dropout on the
         input of A only, while training)."""
-        if self.lora_dropout > 0.0 and rng is not None:
-            keep = jax.random.bernoulli(rng, 1.0 - self.lora_dropout, x.shape)
-            x = jnp.where(keep, x / (1.0 - self.lora_dropout), 0).astype(x.dtype)
-        h = dense(x, self.lora_a[...].astype(self.dtype), None, self.n_in)
+        h = dense(dropout(x, self.lora_dropout, rng), self.lora_a[...].astype(self.dtype), None, self.n_in)
         return self.lora_scaling * dense(h, self.lora_b[...].astype(self.dtype), None, 1)
