@@ -90,7 +90,8 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *, accept_changed_data: bool
     config_json = cfg.to_dict()
     fpt = run.model_cfg.flops_per_token(cfg.data.seq_len)
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
-    seed_key = jax.device_put(jax.random.key(cfg.train.seed), replicated(mesh))  # the step folds in its number
+    # placed once on every device of the mesh (all processes'); the step folds in its number
+    seed_key = jax.jit(lambda: jax.random.key(cfg.train.seed), out_shardings=replicated(mesh))()
     in_process_collectives = mesh.devices.size > 1 and mesh.devices.flat[0].platform == "cpu"
 
     def run_eval(step: int) -> dict[str, float]:
