@@ -9,7 +9,7 @@ Config:  nanoGPT's config/train_shakespeare_char.py as shrunk for CPU in its REA
          cosine to 1e-4 at 2000 iterations; 90/10 train/validation split of the characters.
 Expect:  validation loss 1.90-1.91 at iteration 2000 over the whole validation split
          (four seeds; nanoGPT's PyTorch CPU run reports 1.886 on 20 sampled batches); a step
-         takes 46-53 ms on 2 cores (benchmark medians on a 2-core AMD EPYC in four sessions:
+         takes 45-53 ms on 2 cores (benchmark medians on a 2-core AMD EPYC in five sessions:
          README). Benchmark: python tools/bench_shakespeare.py.
 Sweep:   sweep() is nanoGPT's learning rate and half and twice it, each with dropout 0 and 0.1
          (6 runs): lmstack sweep shakespeare_char --config.data.path=... [--parallel 2], then
