@@ -39,7 +39,7 @@ from lmstack.init_from import (InitSource, added_head, inherit, open_parent, par
 from lmstack.models.attention_core import attention_platform_problem
 from lmstack.optim import make_optimizer
 from lmstack.runspec import RunSpec, fresh_spec, stream_digest
-from lmstack.sharding import MeshError, batch_sharding, data_parallel_size, make_mesh
+from lmstack.sharding import MeshError, batch_sharding, data_parallel_size, make_mesh, replicated
 from lmstack.step import compile_eval_step, compile_train_step, flat_allreduce_pays
 from lmstack.peft.base import check_trainable, trainable_filter
 from lmstack.trainstate import abstract_state, build_model_factory, init_state, peft_method
@@ -299,6 +299,11 @@ class Run:
                                   self.shardings, self.batch_sharding, frozen_layers=self.cfg.train.frozen_layers,
                                   penalty=self.regularizer.penalty(self.cfg.regularization),
                                   flat_allreduce=flat_allreduce_pays(self.mesh, self.objective))
+
+    def seed_key(self) -> jax.Array:
+        """``train.seed``'s key on every device of the mesh, all processes' (a jitted call: a
+        ``device_put`` cannot reach other processes' devices); the train step folds in its number."""
+        return jax.jit(lambda: jax.random.key(self.cfg.train.seed), out_shardings=replicated(self.mesh))()
 
     def eval_step(self):
         return compile_eval_step(self.graphdef, self.objective, self.shardings, self.batch_sharding)

@@ -9,7 +9,7 @@ Gradients over a data-parallel mesh are summed by the compiler (GSPMD): it inser
 all-reduce for all of them. XLA:CPU synchronises its devices once for every operand of that
 all-reduce (39 rendezvous a step for the nanoGPT Shakespeare model, 3.4-5.6 ms of a device's
 step in a trace); ``flat_allreduce`` instead sums the loss, aux and gradients on each device
-under ``shard_map`` and all-reduces them as one flat buffer (one rendezvous), as PyTorch's
+under ``shard_map`` and all-reduces them as one flat buffer (one operand), as PyTorch's
 DDP reduces gradient buckets; :meth:`lmstack.run.Run.train_step` uses it where
 :func:`flat_allreduce_pays`.
 """
@@ -73,9 +73,9 @@ def _loss_and_grads(graphdef, params, frozen, objective, batch, rng, microbatche
 def flat_allreduce_pays(mesh: Mesh, objective: Any) -> bool:
     """Whether ``flat_allreduce`` applies and pays: CPU devices, a mesh that is data parallel
     only (``data`` > 1, ``fsdp`` = ``tensor`` = 1) and an objective whose loss is a sum over
-    rows (``exact_microbatches``). Elsewhere the compiler's all-reduce is kept (GPU and TPU
-    collectives take many operands at once; sharded weights would be gathered to be
-    flattened)."""
+    rows (``exact_microbatches``). Elsewhere the compiler's all-reduce is kept: the
+    per-operand synchronisation it saves was measured on XLA:CPU only, and sharded weights
+    would be gathered to be flattened."""
     return (mesh.devices.flat[0].platform == "cpu" and mesh.shape["data"] > 1
             and mesh.shape["fsdp"] == mesh.shape["tensor"] == 1 and getattr(objective, "exact_microbatches", True))
 
@@ -162,6 +162,7 @@ def train_step(
     """
     params = state["params"]
     rng = jax.random.fold_in(key, state["step"])
+
     def sums_fn(params, frozen, batch, rng):
         return _loss_and_grads(graphdef, params, frozen, objective, batch, rng, microbatches)
 

@@ -27,7 +27,6 @@ from lmstack.evals.base import EvalContext, run_evaluators
 from lmstack.metrics_log import MetricsWriter
 from lmstack.perf import mfu, peak_flops
 from lmstack.run import Run, RunData
-from lmstack.sharding import replicated
 from lmstack.sample import continue_text, encode_prompt
 from lmstack.trainstate import param_count, trainable_count
 
@@ -90,8 +89,7 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *, accept_changed_data: bool
     config_json = cfg.to_dict()
     fpt = run.model_cfg.flops_per_token(cfg.data.seq_len)
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
-    # placed once on every device of the mesh (all processes'); the step folds in its number
-    seed_key = jax.jit(lambda: jax.random.key(cfg.train.seed), out_shardings=replicated(mesh))()
+    seed_key = run.seed_key()
     in_process_collectives = mesh.devices.size > 1 and mesh.devices.flat[0].platform == "cpu"
 
     def run_eval(step: int) -> dict[str, float]:

@@ -51,6 +51,34 @@ _WORDS = (
 _NAMES = ("ROMEO", "JULIET", "HAMLET", "OPHELIA", "LEAR", "CORDELIA")
 
 
+def run_steps(cfg, mesh_shape, batches, flat_allreduce: bool = False):
+    """``batches`` trained with ``cfg``'s model, optimizer and objective from its init on a
+    ``(data, fsdp, tensor)`` mesh by the compiled train step: (losses, final state, step)."""
+    import jax
+
+    from lmstack import registry
+    from lmstack.config import compose
+    from lmstack.optim import make_optimizer
+    from lmstack.sharding import batch_sharding, make_mesh
+    from lmstack.step import compile_train_step
+    from lmstack.trainstate import init_state, model_factory
+
+    mesh = make_mesh(dict(zip(("data", "fsdp", "tensor"), mesh_shape)))
+    make_model, _ = model_factory(cfg, vocab_size=256)
+    tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
+    graphdef, state, shardings = init_state(make_model, tx, mesh)
+    objective = registry.lookup("objective", cfg.objective.name)(compose(cfg))
+    bsh = batch_sharding(mesh)
+    step = compile_train_step(graphdef, tx, schedule, objective, cfg.train.microbatches, shardings, bsh,
+                              flat_allreduce=flat_allreduce)
+    losses = []
+    with jax.set_mesh(mesh):
+        for i, b in enumerate(batches):
+            state, metrics = step(state, jax.device_put(b, bsh), jax.random.key(i))
+            losses.append(float(metrics["loss"]))
+    return losses, state, step
+
+
 def corpus_text(n_chars: int = 8000, seed: int = 0) -> str:
     """Deterministic play-like text (names, words, punctuation) of at least ``n_chars`` characters."""
     rng = np.random.default_rng(seed)

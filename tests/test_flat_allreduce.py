@@ -10,31 +10,16 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from lmstack import registry
-from lmstack.config import compose
 from lmstack.models.dropout import batch_bernoulli
-from lmstack.optim import make_optimizer
 from lmstack.sharding import batch_sharding, make_mesh
-from lmstack.step import compile_train_step, flat_allreduce_pays
-from lmstack.trainstate import init_state, model_factory
-from tests.helpers import packed_batch, tiny_config
+from lmstack.step import flat_allreduce_pays
+from tests.helpers import packed_batch, run_steps, tiny_config
 
 
 def train(cfg, mesh_shape, flat, batches):
-    """Losses and final params of ``batches`` trained from the same init; the compiled step."""
-    mesh = make_mesh(dict(zip(("data", "fsdp", "tensor"), mesh_shape)))
-    make_model, _ = model_factory(cfg, vocab_size=256)
-    tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
-    graphdef, state, shardings = init_state(make_model, tx, mesh)
-    objective = registry.lookup("objective", cfg.objective.name)(compose(cfg))
-    bsh = batch_sharding(mesh)
-    step = compile_train_step(graphdef, tx, schedule, objective, cfg.train.microbatches, shardings, bsh,
-                              flat_allreduce=flat)
-    losses = []
-    with jax.set_mesh(mesh):
-        for b in batches:
-            state, metrics = step(state, jax.device_put(b, bsh), jax.random.key(7))
-            losses.append(float(metrics["loss"]))
-    return np.array(losses), [np.asarray(x) for x in jax.tree.leaves(state["params"])], (step, state, bsh)
+    """Losses and final params (numpy) of ``batches`` trained on the mesh, and the compiled step."""
+    losses, state, step = run_steps(cfg, mesh_shape, batches, flat_allreduce=flat)
+    return np.array(losses), [np.asarray(x) for x in jax.tree.leaves(state["params"])], (step, state)
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +52,9 @@ def _allreduce_operands(step, state, batch) -> list[int]:
 
 def test_one_allreduce_of_one_buffer(batches):
     cfg = tiny_config("gpt2")
-    _, _, (flat_step, state, bsh) = train(cfg, (4, 1, 1), True, batches[:1])
-    _, _, (gspmd_step, state2, _) = train(cfg, (4, 1, 1), False, batches[:1])
-    batch = jax.device_put(batches[0], bsh)
+    _, _, (flat_step, state) = train(cfg, (4, 1, 1), True, batches[:1])
+    _, _, (gspmd_step, state2) = train(cfg, (4, 1, 1), False, batches[:1])
+    batch = jax.device_put(batches[0], batch_sharding(make_mesh({"data": 4, "fsdp": 1, "tensor": 1})))
     assert _allreduce_operands(flat_step, state, batch) == [1]
     assert sum(_allreduce_operands(gspmd_step, state2, batch)) > 1
 

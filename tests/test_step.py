@@ -12,24 +12,7 @@ from lmstack.optim import make_optimizer, schedule_count
 from lmstack.sharding import batch_sharding, make_mesh
 from lmstack.step import compile_train_step
 from lmstack.trainstate import init_state, model_factory
-from tests.helpers import packed_batch, tiny_config
-
-
-def run_steps(cfg, mesh_shape, batches):
-    mesh = make_mesh(dict(zip(("data", "fsdp", "tensor"), mesh_shape)))
-    make_model, _ = model_factory(cfg, vocab_size=256)
-    tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
-    graphdef, state, shardings = init_state(make_model, tx, mesh)
-    objective = registry.lookup("objective", cfg.objective.name)(compose(cfg))
-    bsh = batch_sharding(mesh)
-    step = compile_train_step(graphdef, tx, schedule, objective, cfg.train.microbatches, shardings, bsh)
-    losses = []
-    with jax.set_mesh(mesh):
-        for i, b in enumerate(batches):
-            b = jax.device_put(b, bsh)
-            state, metrics = step(state, b, jax.random.key(i))
-            losses.append(float(metrics["loss"]))
-    return losses, state, step
+from tests.helpers import packed_batch, run_steps, tiny_config
 
 
 @pytest.fixture(scope="module")

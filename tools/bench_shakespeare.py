@@ -49,17 +49,15 @@ class LmstackSide:
     name = "lmstack"
 
     def __init__(self, cfg: Any, workdir: str):
-        import jax
 
         from lmstack.run import Run
-        from lmstack.sharding import replicated
 
         self.run, self.data = Run.for_training(cfg, workdir)
         self.cfg = self.run.cfg
         self.state = self.run.init_state()
         self.step_fn, self.eval_fn = self.run.train_step(), self.run.eval_step()
         self.batches = self.run.objective.train_batches(self.data)
-        self.seed_key = jax.device_put(jax.random.key(self.cfg.train.seed), replicated(self.run.mesh))
+        self.seed_key = self.run.seed_key()
 
     def train(self, n: int) -> float:
         """Seconds for ``n`` updates, up to the last one's result."""
