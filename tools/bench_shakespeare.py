@@ -49,7 +49,6 @@ class LmstackSide:
     name = "lmstack"
 
     def __init__(self, cfg: Any, workdir: str):
-
         from lmstack.run import Run
 
         self.run, self.data = Run.for_training(cfg, workdir)
